@@ -1,0 +1,39 @@
+"""speechrt: fast, exact inference for transformer speech recognition.
+
+Public surface::
+
+    import speechrt
+    model = speechrt.load_model("path/to/wenet_model_dir")
+    print(model.transcribe("audio.wav").text)
+"""
+
+from __future__ import annotations
+
+from speechrt.errors import (
+    AudioError,
+    ModelFormatError,
+    SpeechrtError,
+    UnsupportedOptionError,
+)
+from speechrt.results import Segment, Transcript, Word
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AudioError",
+    "ModelFormatError",
+    "Segment",
+    "SpeechrtError",
+    "Transcript",
+    "UnsupportedOptionError",
+    "Word",
+    "load_model",
+    "__version__",
+]
+
+
+def load_model(path, device=None, dtype=None):
+    """Load a model from ``path`` (format detected from its contents); see :mod:`speechrt.models`."""
+    from speechrt.models.registry import load_model as _load
+
+    return _load(path, device=device, dtype=dtype)

@@ -1,0 +1,40 @@
+"""Shared test fixtures: paths to ../shared, the bundled data, and the gpu marker policy.
+
+CUDA is never queried at import time; GPU tests carry ``@pytest.mark.gpu`` and are deselected by
+default (pyproject addopts); run them on the device machine with ``pytest -m gpu``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+
+
+def _shared_dir() -> Path:
+    env = os.environ.get("SPEECHRT_SHARED")
+    if env:
+        return Path(env)
+    for cand in (REPO.parent / "shared", REPO / "shared"):
+        if cand.is_dir():
+            return cand
+    return REPO.parent / "shared"
+
+
+SHARED = _shared_dir()
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared assets not found at {SHARED} (set SPEECHRT_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA

@@ -1,0 +1,50 @@
+"""Detect a model's format from its path and load it with the right family (lazy imports)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from speechrt.errors import ModelFormatError
+
+
+def detect_format(path: str | Path) -> str:
+    """Return 'wenet', 'whisper' or 'conformer_moe' for a path, or raise ModelFormatError."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFormatError(f"model path not found: {p}")
+    if p.is_dir():
+        if (p / "train.yaml").is_file():
+            return "wenet"
+        if (p / "final.nnet").is_file() and (p / "config.yaml").is_file():
+            return "conformer_moe"
+        if (p / "config.json").is_file():
+            return "whisper"
+        raise ModelFormatError(
+            f"{p} is not a model directory speechrt knows (WeNet: train.yaml + .pt; "
+            "Hugging Face Whisper: config.json; 3M-ASR: config.yaml + final.nnet)"
+        )
+    if p.suffix == ".pt":
+        return "whisper"
+    raise ModelFormatError(f"{p} is not a model speechrt knows (a directory or a Whisper .pt)")
+
+
+def load_model(path, device=None, dtype=None):
+    """``speechrt.load_model``: detect the format and load."""
+    fmt = detect_format(path)
+    if fmt == "wenet":
+        from speechrt.models.conformer import load_wenet
+
+        return load_wenet(path, device=device, dtype=dtype)
+    if fmt == "whisper":
+        try:
+            from speechrt.models.whisper import is_whisper_checkpoint, load_whisper
+        except ImportError as e:  # pragma: no cover - until the family lands
+            raise ModelFormatError(f"Whisper support is not available: {e}") from None
+        if not is_whisper_checkpoint(path):
+            raise ModelFormatError(f"{path} is not a Whisper checkpoint")
+        return load_whisper(path, device=device, dtype=dtype)
+    try:
+        from speechrt.models.conformer_moe import load_conformer_moe
+    except ImportError as e:  # pragma: no cover - until the family lands
+        raise ModelFormatError(f"3M-ASR Conformer-MoE support is not available: {e}") from None
+    return load_conformer_moe(path, device=device, dtype=dtype)

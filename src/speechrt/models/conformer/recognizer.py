@@ -32,7 +32,7 @@ class WenetModel(Model):
     family = "wenet"
 
     def __init__(self, net: ConformerASR, symbols: SymbolTable, path: Path, device, dtype):
-        self.net = net.eval()
+        self.net = net.eval().requires_grad_(False)
         self.cfg = net.cfg
         self.symbols = symbols
         self.path = path
@@ -138,9 +138,13 @@ class WenetModel(Model):
     # ------------------------------------------------------------------ decoding
     @torch.inference_mode()
     def decode(
-        self, feats: torch.Tensor, lengths: torch.Tensor, **options
+        self, feats: torch.Tensor, lengths: torch.Tensor, pad_mode: str = "zero", **options
     ) -> list[list[tuple[list[int], float]]]:
-        """Fbank (B, T, F) -> per utterance a best-first list of (tokens, score)."""
+        """Fbank (B, T, F) -> per utterance a best-first list of (tokens, score).
+
+        ``options`` are :class:`~speechrt.api.DecodeOptions` fields; ``pad_mode`` as in
+        :meth:`encode`.
+        """
         opts = self._options(**options)
         enc, enc_lens = self.encode(
             feats,
@@ -148,6 +152,7 @@ class WenetModel(Model):
             opts.decoding_chunk_size,
             opts.num_decoding_left_chunks,
             opts.simulate_streaming,
+            pad_mode,
         )
         return self._search(enc, enc_lens, opts)
 

@@ -1,0 +1,154 @@
+"""End-to-end CLI tests on real audio, including every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechrt.cli.main import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+MODEL = "tests/data/wenet/u2pp_bidecoder"
+WAV1 = "tests/data/audio/BAC009S0764W0121.wav"
+WAV2 = "tests/data/audio/BAC009S0764W0122.wav"
+FLAC = "tests/data/audio/jfk.flac"
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err: str, *needles: str):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert any(ln.startswith("speechrt: error:") and all(n in ln for n in needles) for ln in lines), err
+    assert "Traceback" not in err
+
+
+def test_transcribe_text_and_json(capsys):
+    code, out, err = run(capsys, "transcribe", "--model", MODEL, "--method",
+                         "ctc_prefix_beam_search", "--beam-size", "4", WAV1, FLAC)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == [WAV1, FLAC]
+    code, out, _ = run(capsys, "transcribe", "--model", MODEL, "--format", "json", WAV1, WAV2)
+    records = json.loads(out)
+    assert [r["path"] for r in records] == [WAV1, WAV2]
+    for r in records:
+        assert set(r) >= {"path", "text", "tokens", "score", "timings"}
+        assert isinstance(r["tokens"], list) and r["timings"]["audio_s"] > 4.0
+
+
+def test_batched_equals_single(capsys):
+    _, out_batch, _ = run(capsys, "transcribe", "--model", MODEL, "--format", "jsonl", WAV1, WAV2, FLAC)
+    singles = []
+    for f in (WAV1, WAV2, FLAC):
+        _, out, _ = run(capsys, "transcribe", "--model", MODEL, "--format", "jsonl",
+                        "--batch-size", "1", f)
+        singles.append(json.loads(out))
+    batch = [json.loads(ln) for ln in out_batch.splitlines()]
+    assert [b["tokens"] for b in batch] == [s["tokens"] for s in singles]
+    for b, s in zip(batch, singles):
+        assert b["score"] == pytest.approx(s["score"], abs=1e-3)
+
+
+def test_wav_scp_and_streaming(tmp_path, capsys):
+    scp = tmp_path / "wav.scp"
+    scp.write_text(f"utt1 {REPO / WAV1}\nutt2 {REPO / WAV2}\n")
+    code, out, err = run(capsys, "transcribe", "--model", MODEL, "--chunk-size", "8",
+                         "--simulate-streaming", "--method", "attention", "--beam-size", "3", str(scp))
+    assert code == 0, err
+    assert [ln.split("\t")[0] for ln in out.splitlines()] == ["utt1", "utt2"]
+
+
+def test_bad_files_are_reported_and_the_rest_transcribed(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" * 10)
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), 16000)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    text = tmp_path / "notes.txt"
+    text.write_text("not audio")
+    missing = tmp_path / "missing.wav"
+    code, out, err = run(capsys, "transcribe", "--model", MODEL, "--method", "ctc_greedy_search",
+                         str(corrupt), WAV1, str(empty), str(silent), str(text), str(missing))
+    assert code == 1
+    assert [ln.split("\t")[0] for ln in out.splitlines()] == [WAV1]
+    for f in (corrupt, empty, silent, text, missing):
+        _one_error_line(err, f.name)
+    assert "silent" in err and "empty" in err
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--model", "tests/data/audio", WAV1], ["not a model directory"]),
+        (["--model", "tests/data/nope", WAV1], ["not found"]),
+        (["--model", MODEL, "--beam-size", "0", WAV1], ["beam_size"]),
+        (["--model", MODEL, "--reverse-weight", "1.5", WAV1], ["reverse_weight"]),
+        (["--model", MODEL, "--simulate-streaming", WAV1], ["simulate_streaming"]),
+        (["--model", MODEL, "--method", "nope", WAV1], ["invalid choice"]),
+        (["--model", MODEL, "--dtype", "int3", WAV1], ["invalid choice"]),
+        (["--model", MODEL, "--batch-size", "0", WAV1], ["batch-size"]),
+    ],
+)
+def test_bad_options(capsys, argv, needles):
+    try:
+        code = main(["transcribe", *argv])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    _, err = capsys.readouterr()
+    assert code == 2
+    _one_error_line(err, *needles)
+
+
+def test_method_the_model_cannot_do(capsys, shared):
+    non_streaming = shared / "fixtures" / "wenet" / "conformer_ctc_aed"
+    code, _, err = run(capsys, "transcribe", "--model", str(non_streaming), "--chunk-size", "8", WAV1)
+    assert code == 2
+    _one_error_line(err, "decoding_chunk_size", "chunks")
+    code, _, err = run(capsys, "transcribe", "--model", str(non_streaming), "--reverse-weight",
+                       "0.3", WAV1)
+    assert code == 2
+    _one_error_line(err, "reverse_weight", "bidirectional")
+
+
+def test_eval_reports_cer(tmp_path, capsys):
+    scp = tmp_path / "wav.scp"
+    scp.write_text(f"a {REPO / WAV1}\nb {REPO / WAV2}\n")
+    text = tmp_path / "text"
+    text.write_text("a 甚至出现交易几乎停滞的情况\nb 一二线城市虽然也处于调整中\n")
+    report = tmp_path / "report.json"
+    code, out, err = run(capsys, "eval", "--model", MODEL, "--data", str(scp), "--text", str(text),
+                         "--method", "ctc_greedy_search", "--report", str(report))
+    assert code == 0, err
+    rep = json.loads(report.read_text())
+    totals = rep["totals"]
+    assert totals["ref_len"] == 13 + 13
+    assert totals["errors"] > 0  # random weights: errors guaranteed
+    assert totals["rate_percent"] == pytest.approx(100 * totals["errors"] / 26)
+    assert len(rep["utterances"]) == 2
+    assert "%" in err
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "speechrt.cli.main", "transcribe", "--model", str(tmp_path), WAV1],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("speechrt: error:") and "Traceback" not in proc.stderr

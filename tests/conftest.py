@@ -7,6 +7,11 @@ default (pyproject addopts); run them on the device machine with ``pytest -m gpu
 from __future__ import annotations
 
 import os
+
+# Triton decides interpreter vs compiler when a kernel is defined: set the mode before anything
+# imports speechrt.kernels. CPU runs interpret; SPEECHRT_TEST_DEVICE=cuda runs compiled kernels.
+if os.environ.get("SPEECHRT_TEST_DEVICE", "cpu") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 
 import pytest

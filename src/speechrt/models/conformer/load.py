@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from speechrt.errors import ModelFormatError
+from speechrt.engine.precision import Precision, parse_dtype
+from speechrt.errors import ModelFormatError, UnsupportedOptionError
 from speechrt.models.conformer.config import ModelConfig, parse_train_yaml
 from speechrt.models.conformer.convert import convert_wenet_state_dict
 from speechrt.models.conformer.model import ConformerASR
@@ -62,8 +63,15 @@ def _read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_wenet(path: str | Path, device=None, dtype=None) -> WenetModel:
-    """Load a WeNet directory onto ``device`` (default: CUDA if available, else CPU)."""
+def load_wenet(
+    path: str | Path, device=None, dtype=None, engine: str = "auto", cuda_graphs: bool = True
+) -> WenetModel:
+    """Load a WeNet directory onto ``device`` (default: CUDA if available, else CPU).
+
+    engine: ``"auto"`` runs the fused Triton kernels and CUDA graphs on CUDA when the model's
+    layout has a fused path, ``"fused"`` insists (an error if impossible; on CPU it needs
+    ``TRITON_INTERPRET=1``), ``"torch"`` runs the plain torch modules (the reference) in ``dtype``.
+    """
     from speechrt.audio.cmvn import load_global_cmvn
 
     path = Path(path)
@@ -97,20 +105,34 @@ def load_wenet(path: str | Path, device=None, dtype=None) -> WenetModel:
     net.load_state_dict(sd, strict=True)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = _dtype(dtype)
-    net = net.to(device=device, dtype=dtype)
-    return WenetModel(net, symbols, path, device, dtype)
+    dtype = parse_dtype(dtype)
+    fast = _engine(net, device, dtype, engine, cuda_graphs)
+    # The fused engine keeps its own compute-dtype weights; the torch modules stay float32.
+    net = net.to(device=device, dtype=torch.float32 if fast else dtype)
+    if fast:
+        from speechrt.engine.runner import ConformerEngine  # imports Triton: only when used
+
+        fast = ConformerEngine(net, Precision.of(dtype), cuda_graphs=cuda_graphs)
+    return WenetModel(net, symbols, path, device, dtype, engine=fast or None)
 
 
-def _dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype not in table:
-        from speechrt.errors import UnsupportedOptionError
+def _engine(net, device, dtype, engine: str, cuda_graphs: bool) -> bool:
+    """Whether to build the fused engine for this request."""
+    from speechrt.kernels._utils import triton_available
+    from speechrt.models.conformer.fused import supports_fused
 
-        raise UnsupportedOptionError(f"unknown dtype '{dtype}' (fp32, fp16, bf16)")
-    return table[dtype]
+    if engine not in ("auto", "fused", "torch"):
+        raise UnsupportedOptionError(f"unknown engine '{engine}' (auto, fused, torch)")
+    if engine == "torch":
+        return False
+    reason = supports_fused(net)
+    on_cuda = torch.device(device).type == "cuda"
+    if engine == "auto":
+        return reason is None and on_cuda and triton_available()
+    if reason is not None:
+        raise UnsupportedOptionError(f"engine 'fused' cannot run this model: {reason}")
+    if not triton_available():
+        raise UnsupportedOptionError(
+            "engine 'fused' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU)"
+        )
+    return True

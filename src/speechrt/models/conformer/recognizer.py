@@ -11,7 +11,7 @@ import torch
 from speechrt.api import DecodeOptions, Model
 from speechrt.decoding.attention import attention_beam_search
 from speechrt.decoding.ctc import ctc_greedy_search, ctc_prefix_beam_search
-from speechrt.decoding.rescoring import rescoring_scores
+from speechrt.decoding.rescoring import decoder_inputs, rescoring_scores
 from speechrt.errors import UnsupportedOptionError
 from speechrt.models.conformer.model import ConformerASR
 from speechrt.models.conformer.tokenizer import SymbolTable
@@ -31,13 +31,16 @@ class WenetModel(Model):
 
     family = "wenet"
 
-    def __init__(self, net: ConformerASR, symbols: SymbolTable, path: Path, device, dtype):
+    def __init__(
+        self, net: ConformerASR, symbols: SymbolTable, path: Path, device, dtype, engine=None
+    ):
         self.net = net.eval().requires_grad_(False)
         self.cfg = net.cfg
         self.symbols = symbols
         self.path = path
         self.device = torch.device(device)
         self.dtype = dtype
+        self.engine = engine  # speechrt.engine.runner.ConformerEngine or None (torch modules)
         self.sample_rate = self.cfg.sample_rate
 
     # ------------------------------------------------------------------ limits and options
@@ -113,8 +116,13 @@ class WenetModel(Model):
             num_decoding_left_chunks=num_decoding_left_chunks,
             simulate_streaming=simulate_streaming,
         )
-        feats = feats.to(self.device, self.dtype)
         lengths = lengths.to(self.device)
+        if self.engine is not None and not opts.simulate_streaming and pad_mode == "zero":
+            chunk = self.net.encoder.chunk_config(
+                opts.decoding_chunk_size, opts.num_decoding_left_chunks
+            )
+            return self.engine.encode(feats.to(self.device), lengths, *chunk)
+        feats = feats.to(self.device, self.net.ctc.weight.dtype)
         if opts.simulate_streaming:
             return self._encode_streaming(feats, lengths, opts)
         return self.net.encoder(
@@ -160,14 +168,14 @@ class WenetModel(Model):
         cfg = self.cfg
         if opts.method == "attention":
             res = attention_beam_search(
-                self.net.beam_step(enc, enc_lens, opts.beam_size),
+                self.net.beam_step(enc.to(self.net.ctc.weight.dtype), enc_lens, opts.beam_size),
                 enc.shape[0], opts.beam_size, cfg.sos, cfg.eos, enc_lens, enc.device,
             )
             toks, lens, scores = res.tokens.cpu(), res.lengths.cpu(), res.scores.cpu()
             return [
                 [(toks[b, : lens[b]].tolist(), float(scores[b]))] for b in range(enc.shape[0])
             ]
-        logp = self.net.ctc_log_probs(enc)
+        logp = self.net.ctc_log_probs(enc.to(self.net.ctc.weight.dtype))
         if opts.method == "ctc_greedy_search":
             res = ctc_greedy_search(logp, enc_lens, cfg.blank)
             toks, lens, scores = res.tokens.cpu(), res.token_lengths.cpu(), res.scores.cpu()
@@ -177,9 +185,7 @@ class WenetModel(Model):
         beam = ctc_prefix_beam_search(logp, enc_lens, opts.beam_size, cfg.blank)
         if opts.method == "ctc_prefix_beam_search":
             return _nbest(beam.hyps, beam.hyp_lengths, beam.scores)
-        l2r, r2l = self.net.rescoring_log_probs(
-            enc, enc_lens, beam.hyps, beam.hyp_lengths, with_r2l=opts.reverse_weight > 0
-        )
+        l2r, r2l = self._rescoring_log_probs(enc, enc_lens, beam, opts.reverse_weight > 0)
         res = rescoring_scores(
             l2r, r2l, beam.hyps, beam.hyp_lengths, beam.scores, cfg.eos,
             opts.ctc_weight, opts.reverse_weight,
@@ -190,6 +196,16 @@ class WenetModel(Model):
             torch.gather(beam.hyp_lengths, 1, order),
             torch.gather(res.scores, 1, order),
         )
+
+    def _rescoring_log_probs(self, enc, enc_lens, beam, with_r2l: bool):
+        if self.engine is None:
+            dtype = self.net.ctc.weight.dtype
+            return self.net.rescoring_log_probs(
+                enc.to(dtype), enc_lens, beam.hyps, beam.hyp_lengths, with_r2l=with_r2l
+            )
+        l2r_in, r2l_in, in_lens = decoder_inputs(beam.hyps, beam.hyp_lengths, self.cfg.sos,
+                                                 self.cfg.eos)
+        return self.engine.rescoring_log_probs(enc, enc_lens, l2r_in, r2l_in, in_lens, with_r2l)
 
     # ------------------------------------------------------------------ audio -> text
     def load_audio(self, source, sample_rate: int | None = None) -> torch.Tensor:

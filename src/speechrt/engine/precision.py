@@ -1,0 +1,53 @@
+"""Precision policy: which dtype each part of a model runs in.
+
+GEMMs and attention run in the compute dtype (fp32, fp16 or bf16); LayerNorm statistics, softmax,
+log-softmax and the residual stream stay in float32 ("FP32 where overflow threatens": the seeds'
+FP16 LayerNorm overflowed), and so do scores that decoding accumulates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from speechrt.errors import UnsupportedOptionError
+
+_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """'fp16' / torch.float16 / None (-> float32) to a torch dtype; anything else is an error."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in _NAMES.values():
+            return dtype
+        raise UnsupportedOptionError(f"unsupported dtype {dtype} (fp32, fp16, bf16)")
+    if dtype not in _NAMES:
+        raise UnsupportedOptionError(f"unknown dtype '{dtype}' (fp32, fp16, bf16)")
+    return _NAMES[dtype]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """compute: GEMM/attention dtype; residual: dtype of the residual stream (float32 default)."""
+
+    compute: torch.dtype = torch.float32
+    residual: torch.dtype = torch.float32
+
+    @classmethod
+    def of(cls, dtype: str | torch.dtype | None) -> Precision:
+        return cls(compute=parse_dtype(dtype))
+
+    @property
+    def name(self) -> str:
+        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.compute]

@@ -1,0 +1,84 @@
+"""The Conformer engine: fused-kernel encoder and rescoring decoder behind bucketed CUDA graphs.
+
+Owns the GPU state (prepared weights, static buffers, captured graphs). ``cuda_graphs=False`` or a
+CPU device runs the same step functions eagerly (on CPU only under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from speechrt.engine.batching import Buckets, pad_to
+from speechrt.engine.graphs import GraphRunner
+from speechrt.engine.precision import Precision
+from speechrt.models.conformer.fused import FusedDecoder, FusedEncoder
+
+
+class ConformerEngine:
+    """Fast path of a :class:`~speechrt.models.conformer.model.ConformerASR`."""
+
+    def __init__(
+        self,
+        net,
+        precision: Precision,
+        cuda_graphs: bool = True,
+        buckets: Buckets | None = None,
+        pad_mode: str = "zero",
+    ):
+        self.net = net
+        self.precision = precision
+        self.buckets = buckets or Buckets()
+        self.encoder = FusedEncoder(net, precision, pad_mode)
+        # The subsampling convs run in the compute dtype (cuDNN), on a private copy.
+        self.encoder.subsampling = copy.deepcopy(net.encoder.subsampling).to(precision.compute)
+        self.l2r = self.r2l = None
+        if net.decoder is not None:
+            self.l2r = FusedDecoder(net.decoder.l2r, precision)
+            if net.decoder.r2l is not None:
+                self.r2l = FusedDecoder(net.decoder.r2l, precision)
+        self._enc_graphs = GraphRunner(self._encode_step, enabled=cuda_graphs)
+        self._dec_graphs = GraphRunner(self._rescore_step, enabled=cuda_graphs)
+        self._chunk = (0, -1)
+
+    # ------------------------------------------------------------------ encoder
+    def _encode_step(self, feats: torch.Tensor, lengths: torch.Tensor):
+        return self.encoder.forward(feats, lengths, *self._chunk)
+
+    @torch.inference_mode()
+    def encode(
+        self, feats: torch.Tensor, lengths: torch.Tensor, chunk_size: int = 0, num_left_chunks: int = -1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw fbank (B, T, F), lengths (B,) -> (B, T', D) float32 and (B,) output lengths."""
+        b, t, _ = feats.shape
+        bb, tt = self.buckets.key(b, t)
+        padded, plens = pad_to(feats.float(), lengths, bb, tt)
+        self._chunk = (chunk_size, num_left_chunks)
+        out, out_lens = self._enc_graphs((bb, tt, chunk_size, num_left_chunks), padded, plens)
+        t_out = int(self.net.encoder.subsampling.output_frames(t))
+        return out[:b, :t_out].clone(), out_lens[:b].clone()
+
+    # ------------------------------------------------------------------ rescoring decoder
+    def _rescore_step(self, memory, memory_lengths, l2r_in, r2l_in, in_lengths):
+        l2r = self.l2r.forward(l2r_in, in_lengths, self.l2r.memory_kv(memory), memory_lengths)
+        if self._with_r2l:
+            r2l = self.r2l.forward(r2l_in, in_lengths, self.r2l.memory_kv(memory), memory_lengths)
+            return l2r, r2l
+        return l2r, None
+
+    @torch.inference_mode()
+    def rescoring_log_probs(
+        self, memory, memory_lengths, l2r_in, r2l_in, in_lengths, with_r2l: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoder inputs (B, W, L) -> float32 log-probs (B, W, L, V) (and R2L if asked)."""
+        self._with_r2l = bool(with_r2l and self.r2l is not None)
+        b, w, l = l2r_in.shape
+        lb = self.buckets.length(l) if l > 16 else 16
+        if lb != l:
+            pad = l2r_in.new_zeros(b, w, lb - l)
+            l2r_in = torch.cat([l2r_in, pad], dim=2)
+            r2l_in = torch.cat([r2l_in, pad], dim=2)
+        key = ("resc", b, w, lb, memory.shape[1], self._with_r2l)
+        l2r, r2l = self._dec_graphs(key, memory.float(), memory_lengths, l2r_in, r2l_in, in_lengths)
+        return l2r[:, :, :l].clone(), None if r2l is None else r2l[:, :, :l].clone()

@@ -1,0 +1,259 @@
+"""The Conformer encoder and attention decoder on speechrt's Triton kernels.
+
+Built from a loaded :class:`~speechrt.models.conformer.model.ConformerASR` at load time: BatchNorm
+folded into the depthwise conv, Q/K/V concatenated into one GEMM, biases that a fused
+add+LayerNorm can apply kept apart, weights cast to the compute dtype while LayerNorm parameters,
+the residual stream and every softmax stay float32. Same function as the torch modules (the
+reference); tests compare the two. The step functions allocate nothing that depends on data, so
+they can be captured in CUDA graphs (:mod:`speechrt.engine.graphs`).
+
+Each pre-norm Conformer block runs as::
+
+    y = LN_mac(x)                      (from the previous block)
+    x, y = add_LN(w2(act(w1 y)), x, LN_attn, bias=b2, scale=0.5)
+    x, y = add_LN(out(attn(qkv y)), x, LN_conv, bias=b_out)
+    x, y = add_LN(pw2(glu_dwconv_bn_act(pw1 y)), x, LN_ff, bias=b_pw2)
+    x, _ = add_LN(w2(act(w1 y)), x, LN_final, bias=b2, scale=0.5)   -> block output
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from speechrt.engine.precision import Precision
+from speechrt.kernels.attention import attention, rel_pos_attention
+from speechrt.kernels.conv_module import fold_batch_norm, glu_depthwise_conv
+from speechrt.kernels.layer_norm import add_layer_norm, layer_norm
+from speechrt.kernels.log_softmax import linear_log_softmax
+from speechrt.layers.positional import positions
+from speechrt.models.conformer.model import ConformerASR
+
+_ACT = {"swish": F.silu, "silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+
+
+def supports_fused(net: ConformerASR) -> str | None:
+    """None if the fused path can run this model, else the reason it cannot."""
+    enc = net.cfg.encoder
+    if enc.kind != "conformer" or not (enc.macaron and enc.conv):
+        return "the fused encoder covers Conformer blocks with macaron FFN and conv module"
+    if not enc.normalize_before:
+        return "the fused encoder needs pre-norm blocks (normalize_before: true)"
+    if not enc.rel_attention or enc.pos_enc_layer_type != "rel_pos":
+        return "the fused encoder needs rel_pos + rel_selfattn"
+    if enc.activation_type not in _ACT:
+        return f"activation {enc.activation_type} has no fused path"
+    dec = net.cfg.decoder
+    if dec is not None and (not dec.normalize_before or dec.activation_type not in _ACT):
+        return "the fused decoder needs pre-norm layers with relu/swish/gelu FFNs"
+    return None
+
+
+@dataclass
+class _Norm:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+
+def _norm(m: torch.nn.LayerNorm) -> _Norm:
+    return _Norm(m.weight.detach().float(), m.bias.detach().float(), m.eps)
+
+
+class FusedEncoder:
+    """Fused-kernel encoder: ``forward(feats, lengths) -> (out (B, T', D) float32, lengths)``."""
+
+    def __init__(self, net: ConformerASR, precision: Precision, pad_mode: str = "zero"):
+        reason = supports_fused(net)
+        if reason:
+            raise ValueError(reason)
+        enc = net.encoder
+        self.cfg = net.cfg.encoder
+        self.dtype = precision.compute
+        self.residual_dtype = precision.residual
+        self.pad_mode = pad_mode
+        self.act = _ACT[self.cfg.activation_type]
+        self.subsampling = enc.subsampling
+        self.sub_dtype = self.dtype
+        self.cmvn_mean = enc.cmvn_mean.float()
+        self.cmvn_istd = enc.cmvn_istd.float()
+        self.final_norm = _norm(enc.final_norm)
+        self.blocks = [self._prepare(layer) for layer in enc.layers]
+        self.n_head = self.cfg.attention_heads
+        self.d = self.cfg.output_size
+        self._pos_cache: dict[int, torch.Tensor] = {}
+
+    def _w(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to(self.dtype).contiguous()
+
+    def _prepare(self, layer) -> dict:
+        a, c = layer.attn, layer.conv
+        qkv_w = torch.cat([a.q.weight, a.k.weight, a.v.weight], 0)
+        qkv_b = torch.cat([a.q.bias, a.k.bias, a.v.bias], 0)
+        blk = {
+            "norm_mac": _norm(layer.norm_ff_macaron),
+            "mac_w1": self._w(layer.ff_macaron.w1.weight), "mac_b1": self._w(layer.ff_macaron.w1.bias),
+            "mac_w2": self._w(layer.ff_macaron.w2.weight), "mac_b2": self._w(layer.ff_macaron.w2.bias),
+            "norm_attn": _norm(layer.norm_attn),
+            "qkv_w": self._w(qkv_w), "qkv_b": self._w(qkv_b),
+            "out_w": self._w(a.out.weight), "out_b": self._w(a.out.bias),
+            "pos_w": self._w(a.pos.weight),
+            "u": self._w(a.pos_bias_u), "v": self._w(a.pos_bias_v),
+            "norm_conv": _norm(layer.norm_conv),
+            "pw1_w": self._w(c.pw1.weight.squeeze(-1)), "pw1_b": self._w(c.pw1.bias),
+            "pw2_w": self._w(c.pw2.weight.squeeze(-1)), "pw2_b": self._w(c.pw2.bias),
+            "norm_ff": _norm(layer.norm_ff),
+            "ff_w1": self._w(layer.ff.w1.weight), "ff_b1": self._w(layer.ff.w1.bias),
+            "ff_w2": self._w(layer.ff.w2.weight), "ff_b2": self._w(layer.ff.w2.bias),
+            "norm_final": _norm(layer.norm_final),
+        }
+        if c.norm_type == "batch_norm":
+            bn = c.norm
+            w, b = fold_batch_norm(c.dw.weight.detach().float(), c.dw.bias.detach().float(),
+                                   bn.running_mean.float(), bn.running_var.float(),
+                                   bn.weight.detach().float(), bn.bias.detach().float(), bn.eps)
+            blk.update(dw_w=w.to(self.dtype), dw_b=b.to(self.dtype), conv_norm="batch")
+        else:
+            blk.update(dw_w=self._w(c.dw.weight.reshape(c.channels, -1)), dw_b=self._w(c.dw.bias),
+                       conv_norm="layer", conv_ln=_norm(c.norm))
+        if c.causal:  # a causal module left-pads its *input* with zeros: GLU(bias1) frames
+            left = F.glu(c.pw1.bias.detach().float(), dim=0)  # (C,)
+            blk["left_context"] = left.to(self.dtype)[:, None].expand(-1, c.kernel_size - 1)
+        blk["causal"] = c.causal
+        return blk
+
+    def _positions(self, t: int, device) -> torch.Tensor:
+        pe = self._pos_cache.get(t)
+        if pe is None:
+            pe = positions(0, t, self.d, device, self.dtype)
+            self._pos_cache[t] = pe
+        return pe
+
+    def _ffn(self, y, w1, b1, w2):
+        return F.linear(self.act(F.linear(y, w1, b1)), w2)
+
+    def _block(self, x, y, blk, lengths, chunk, left, pe):
+        b, t, d = x.shape
+        h, dk = self.n_head, d // self.n_head
+        f = self._ffn(y, blk["mac_w1"], blk["mac_b1"], blk["mac_w2"])
+        n = blk["norm_attn"]
+        x, y = add_layer_norm(f, x, n.weight, n.bias, n.eps, x_bias=blk["mac_b2"], scale=0.5)
+        qkv = F.linear(y, blk["qkv_w"], blk["qkv_b"]).view(b, t, 3, h, dk)
+        p = F.linear(pe, blk["pos_w"]).view(t, h, dk)
+        att = rel_pos_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], p, blk["u"], blk["v"],
+                                lengths, chunk_size=chunk, num_left_chunks=left)
+        att = F.linear(att.view(b, t, d), blk["out_w"])
+        n = blk["norm_conv"]
+        x, y = add_layer_norm(att, x, n.weight, n.bias, n.eps, x_bias=blk["out_b"])
+        x2 = F.linear(y, blk["pw1_w"], blk["pw1_b"])
+        cache = None
+        if blk["causal"]:
+            cache = blk["left_context"].unsqueeze(0).expand(b, -1, -1)
+        conv_kw = {}
+        if blk["conv_norm"] == "layer":
+            ln = blk["conv_ln"]
+            conv_kw = dict(ln_weight=ln.weight.to(self.dtype), ln_bias=ln.bias.to(self.dtype),
+                           ln_eps=ln.eps)
+        g = glu_depthwise_conv(x2, blk["dw_w"], blk["dw_b"], lengths, causal=blk["causal"],
+                               norm=blk["conv_norm"], activation=self.cfg.activation_type
+                               if self.cfg.activation_type != "silu" else "swish",
+                               pad_mode=self.pad_mode, cache=cache, **conv_kw)
+        g = F.linear(g, blk["pw2_w"])
+        n = blk["norm_ff"]
+        x, y = add_layer_norm(g, x, n.weight, n.bias, n.eps, x_bias=blk["pw2_b"])
+        f = self._ffn(y, blk["ff_w1"], blk["ff_b1"], blk["ff_w2"])
+        n = blk["norm_final"]
+        _, x = add_layer_norm(f, x, n.weight, n.bias, n.eps, x_bias=blk["ff_b2"], scale=0.5)
+        return x  # norm_final output: the next block's residual stream (compute dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self, feats: torch.Tensor, lengths: torch.Tensor, chunk_size: int = 0, num_left_chunks: int = -1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, T, F) float32 raw fbank, lengths (B,) -> (B, T', D) float32, (B,) lengths.
+
+        chunk_size/num_left_chunks: the chunk mask to apply (0 = full attention), as returned by
+        :meth:`Encoder.chunk_config`.
+        """
+        x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.sub_dtype)
+        x = self.subsampling(x) * math.sqrt(self.d)  # (B, T', D)
+        out_lengths = self.subsampling.output_lengths(lengths)
+        pe = self._positions(x.shape[1], x.device)
+        x = x.to(self.residual_dtype)
+        for blk in self.blocks:
+            n = blk["norm_mac"]
+            y = layer_norm(x.to(self.dtype) if x.dtype != self.dtype else x, n.weight, n.bias, n.eps)
+            x = self._block(x, y, blk, out_lengths, chunk_size, num_left_chunks, pe)
+            x = x.to(self.residual_dtype)
+        n = self.final_norm
+        out = layer_norm(x, n.weight, n.bias, n.eps)
+        return out.float(), out_lengths
+
+
+class FusedDecoder:
+    """Fused-kernel teacher-forced decoder for attention rescoring (one direction)."""
+
+    def __init__(self, dec, precision: Precision):
+        self.dtype = precision.compute
+        self.d = dec.d
+        self.n_head = dec.layers[0].self_attn.n_head
+        self.act = _ACT[dec.layers[0].ff.act.__class__.__name__.lower().replace("silu", "swish")]
+        w = lambda t: t.detach().to(self.dtype).contiguous()  # noqa: E731
+        self.embed = w(dec.embed.weight)
+        self.final_norm = _norm(dec.final_norm)
+        self.out_w, self.out_b = w(dec.out.weight), w(dec.out.bias)
+        self.layers = []
+        for layer in dec.layers:
+            s, c = layer.self_attn, layer.cross_attn
+            self.layers.append({
+                "norm1": _norm(layer.norm1), "norm2": _norm(layer.norm2), "norm3": _norm(layer.norm3),
+                "qkv_w": w(torch.cat([s.q.weight, s.k.weight, s.v.weight])),
+                "qkv_b": w(torch.cat([s.q.bias, s.k.bias, s.v.bias])),
+                "so_w": w(s.out.weight), "so_b": w(s.out.bias),
+                "cq_w": w(c.q.weight), "cq_b": w(c.q.bias),
+                "ckv_w": w(torch.cat([c.k.weight, c.v.weight])),
+                "ckv_b": w(torch.cat([c.k.bias, c.v.bias])),
+                "co_w": w(c.out.weight), "co_b": w(c.out.bias),
+                "w1": w(layer.ff.w1.weight), "b1": w(layer.ff.w1.bias),
+                "w2": w(layer.ff.w2.weight), "b2": w(layer.ff.w2.bias),
+            })
+
+    def memory_kv(self, memory: torch.Tensor) -> list[torch.Tensor]:
+        """Cross-attention K/V of every layer, once per utterance: (B, T, 2, H, Dk)."""
+        b, t, d = memory.shape
+        m = memory.to(self.dtype)
+        return [F.linear(m, ly["ckv_w"], ly["ckv_b"]).view(b, t, 2, self.n_head, d // self.n_head)
+                for ly in self.layers]
+
+    @torch.inference_mode()
+    def forward(self, tokens, token_lengths, memory_kv, memory_lengths) -> torch.Tensor:
+        """tokens (B, W, L), token_lengths (B, W) -> float32 log-probs (B, W, L, V)."""
+        b, w, l = tokens.shape
+        d, h = self.d, self.n_head
+        dk = d // h
+        x = F.embedding(tokens, self.embed).float() * math.sqrt(d)
+        x = (x + positions(0, l, d, x.device, torch.float32)).view(b * w, l, d)  # (B*W, L, D)
+        lens = token_lengths.reshape(b * w)
+        ly0 = self.layers[0]
+        y = layer_norm(x.to(self.dtype), ly0["norm1"].weight, ly0["norm1"].bias, ly0["norm1"].eps)
+        for i, ly in enumerate(self.layers):
+            qkv = F.linear(y, ly["qkv_w"], ly["qkv_b"]).view(b * w, l, 3, h, dk)
+            a = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], lens, causal=True)
+            a = F.linear(a.view(b * w, l, d), ly["so_w"])
+            n = ly["norm2"]
+            x, y = add_layer_norm(a, x, n.weight, n.bias, n.eps, x_bias=ly["so_b"])
+            # Cross-attention: the W hypotheses of an utterance share its keys.
+            q = F.linear(y, ly["cq_w"], ly["cq_b"]).view(b, w * l, h, dk)
+            kv = memory_kv[i]
+            c = attention(q, kv[:, :, 0], kv[:, :, 1], memory_lengths)
+            c = F.linear(c.view(b * w, l, d), ly["co_w"])
+            n = ly["norm3"]
+            x, y = add_layer_norm(c, x, n.weight, n.bias, n.eps, x_bias=ly["co_b"])
+            f = F.linear(self.act(F.linear(y, ly["w1"], ly["b1"])), ly["w2"])
+            n = self.layers[i + 1]["norm1"] if i + 1 < len(self.layers) else self.final_norm
+            x, y = add_layer_norm(f, x, n.weight, n.bias, n.eps, x_bias=ly["b2"])
+        logp = linear_log_softmax(y.reshape(b * w * l, d), self.out_w, self.out_b)
+        return logp.view(b, w, l, -1)

@@ -22,6 +22,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from speechrt.cli import bench as bench_cmd
     from speechrt.cli import eval as eval_cmd
     from speechrt.cli import transcribe as transcribe_cmd
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     transcribe_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     return parser
 
 

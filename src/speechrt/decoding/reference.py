@@ -8,7 +8,7 @@ Sections:
 
 1. Shared helpers (``log_add``)
 2. CTC oracles: greedy search and prefix beam search (with WeNet's viterbi token times)
-3. Attention-decoder oracles (rescoring, attention beam search): added later
+3. Attention-decoder oracles: attention rescoring and attention beam search
 """
 
 from __future__ import annotations
@@ -163,3 +163,71 @@ def ctc_prefix_beam_search_ref(
         ranked = sorted(next_beam.items(), key=lambda item: item[1].score(), reverse=True)
         beam = ranked[:beam_size]
     return [(list(prefix), ps.score(), ps.times().copy()) for prefix, ps in beam]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Attention-decoder oracles
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_rescoring_ref(
+    nbest: list[tuple[list[int], float]],
+    l2r_log_probs: list[torch.Tensor],
+    r2l_log_probs: list[torch.Tensor] | None,
+    eos: int,
+    ctc_weight: float,
+    reverse_weight: float,
+) -> tuple[int, float, list[float]]:
+    """WeNet's ``attention_rescoring`` loop for one utterance.
+
+    nbest: CTC n-best (tokens, prefix score); l2r_log_probs[i]: (len_i + 1, V) decoder log-probs
+    of hypothesis i fed as [sos, y1..yn] (row j predicts token j, row n predicts eos);
+    r2l_log_probs[i]: the same for the reversed hypothesis. Returns (best index, best score,
+    every hypothesis's score); the first maximum wins.
+    """
+    best, best_score, scores = 0, NEG_INF, []
+    for i, (hyp, ctc_score) in enumerate(nbest):
+        lp = l2r_log_probs[i]
+        score = sum(float(lp[j, w]) for j, w in enumerate(hyp)) + float(lp[len(hyp), eos])
+        if r2l_log_probs is not None and reverse_weight > 0:
+            rp = r2l_log_probs[i]
+            r_score = sum(float(rp[len(hyp) - j - 1, w]) for j, w in enumerate(hyp))
+            r_score += float(rp[len(hyp), eos])
+            score = score * (1 - reverse_weight) + r_score * reverse_weight
+        score += ctc_score * ctc_weight
+        scores.append(score)
+        if score > best_score:
+            best, best_score = i, score
+    return best, best_score, scores
+
+
+def attention_beam_search_ref(
+    next_log_probs, beam_size: int, sos: int, eos: int, max_len: int
+) -> tuple[list[int], float]:
+    """WeNet's ``attention_beam_search`` for one utterance, recomputing every prefix.
+
+    next_log_probs(prefix: list[int]) -> (V,) log-probs of the next token after ``prefix``
+    (which starts with sos). Beams start as [sos] with scores [0, -inf, ...]; each step expands
+    every beam by its top ``beam_size`` tokens (a finished beam only by eos with log-prob 0),
+    keeps the best ``beam_size`` of the ``beam_size**2`` candidates (ties: lower flat index),
+    and stops after ``max_len`` steps or when every beam ended with eos.
+    Returns (tokens without sos/eos, score of the best beam).
+    """
+    beams = [([sos], 0.0 if i == 0 else NEG_INF) for i in range(beam_size)]
+    for _ in range(max_len):
+        if all(seq[-1] == eos and len(seq) > 1 for seq, _ in beams):
+            break
+        cands = []
+        for seq, score in beams:
+            if len(seq) > 1 and seq[-1] == eos:
+                tops = [(0.0, eos)] + [(NEG_INF, eos)] * (beam_size - 1)
+            else:
+                logp = next_log_probs(seq).double()
+                vals, idx = torch.topk(logp, beam_size)
+                tops = list(zip(vals.tolist(), idx.tolist()))
+            cands += [(score + v, seq + [tok]) for v, tok in tops]
+        order = sorted(range(len(cands)), key=lambda k: (-cands[k][0], k))[:beam_size]
+        beams = [(cands[k][1], cands[k][0]) for k in order]
+    seq, score = max(beams, key=lambda b: b[1])
+    return [t for t in seq[1:] if t != eos], score
+

@@ -30,6 +30,7 @@ class GraphStats:
     replays: int = 0
     eager_calls: int = 0
     capture_seconds: dict = field(default_factory=dict)
+    capture_failure: str | None = None
 
 
 class GraphRunner:
@@ -74,7 +75,14 @@ class GraphRunner:
             return self.fn(*inputs)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self.capture(key, *inputs)
+            try:
+                entry = self.capture(key, *inputs)
+            except RuntimeError as e:  # an op that cannot be captured: stay eager, say why
+                torch.cuda.synchronize()
+                self.enabled = False
+                self.stats.capture_failure = f"{type(e).__name__}: {e}"[:300]
+                self.stats.eager_calls += 1
+                return self.fn(*inputs)
         for dst, src in zip(entry.inputs, inputs):
             dst.copy_(src)
         entry.graph.replay()

@@ -10,6 +10,7 @@ import copy
 
 import torch
 
+from speechrt.decoding.ctc import ctc_prefix_beam_search
 from speechrt.engine.batching import Buckets, pad_to
 from speechrt.engine.graphs import GraphRunner
 from speechrt.engine.precision import Precision
@@ -39,6 +40,8 @@ class ConformerEngine:
             if net.decoder.r2l is not None:
                 self.r2l = FusedDecoder(net.decoder.r2l, precision)
         self._enc_graphs = GraphRunner(self._encode_step, enabled=cuda_graphs)
+        self._ctc_graphs = GraphRunner(self._prefix_step, enabled=cuda_graphs)
+        self._beam = (10, 0)
         self._dec_graphs = GraphRunner(self._rescore_step, enabled=cuda_graphs)
         self._chunk = (0, -1)
 
@@ -59,6 +62,26 @@ class ConformerEngine:
         t_out = int(self.net.encoder.subsampling.output_frames(t))
         return out[:b, :t_out].clone(), out_lens[:b].clone()
 
+    # ------------------------------------------------------------------ CTC prefix beam search
+    def _prefix_step(self, log_probs: torch.Tensor, lengths: torch.Tensor):
+        beam, blank = self._beam
+        return ctc_prefix_beam_search(log_probs, lengths, beam, blank)
+
+    @torch.inference_mode()
+    def ctc_prefix_beam_search(self, log_probs, lengths, beam_size: int, blank: int = 0):
+        """Batched prefix beam search (decoding.ctc) replayed as one CUDA graph per bucket.
+
+        log_probs (B, T', V) are padded to a bucket of T' so that similar lengths share a graph;
+        padded frames lie beyond ``lengths`` and are never read by the search.
+        """
+        b, t, v = log_probs.shape
+        tb = -(-t // 16) * 16
+        if tb != t:
+            log_probs = torch.cat([log_probs, log_probs.new_zeros(b, tb - t, v)], dim=1)
+        self._beam = (beam_size, blank)
+        res = self._ctc_graphs((b, tb, v, beam_size, blank), log_probs.contiguous(), lengths)
+        return type(res)(*(x.clone() for x in res.__dict__.values()))
+
     # ------------------------------------------------------------------ rescoring decoder
     def _rescore_step(self, memory, memory_lengths, l2r_in, r2l_in, in_lengths):
         l2r = self.l2r.forward(l2r_in, in_lengths, self.l2r.memory_kv(memory), memory_lengths)
@@ -74,7 +97,7 @@ class ConformerEngine:
         """Decoder inputs (B, W, L) -> float32 log-probs (B, W, L, V) (and R2L if asked)."""
         self._with_r2l = bool(with_r2l and self.r2l is not None)
         b, w, l = l2r_in.shape
-        lb = self.buckets.length(l) if l > 16 else 16
+        lb = -(-l // 16) * 16  # decoder lengths bucket in steps of 16 tokens
         if lb != l:
             pad = l2r_in.new_zeros(b, w, lb - l)
             l2r_in = torch.cat([l2r_in, pad], dim=2)

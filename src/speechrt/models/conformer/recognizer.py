@@ -182,9 +182,15 @@ class WenetModel(Model):
             return [
                 [(toks[b, : lens[b]].tolist(), float(scores[b]))] for b in range(enc.shape[0])
             ]
-        beam = ctc_prefix_beam_search(logp, enc_lens, opts.beam_size, cfg.blank)
+        if self.engine is not None:
+            beam = self.engine.ctc_prefix_beam_search(logp, enc_lens, opts.beam_size, cfg.blank)
+        else:
+            beam = ctc_prefix_beam_search(logp, enc_lens, opts.beam_size, cfg.blank)
         if opts.method == "ctc_prefix_beam_search":
             return _nbest(beam.hyps, beam.hyp_lengths, beam.scores)
+        # Hypotheses are stored T' wide; the decoder only needs the longest one.
+        width = max(int(beam.hyp_lengths.max()), 1)  # sync-ok: once per batch, not per step
+        beam = type(beam)(**{**beam.__dict__, "hyps": beam.hyps[..., :width].contiguous()})
         l2r, r2l = self._rescoring_log_probs(enc, enc_lens, beam, opts.reverse_weight > 0)
         res = rescoring_scores(
             l2r, r2l, beam.hyps, beam.hyp_lengths, beam.scores, cfg.eos,

@@ -17,6 +17,8 @@ from speechrt.models.conformer import load_wenet
 
 FIXTURES = ["conformer_ctc_aed", "u2pp_bidecoder"]
 DEVICE = "cuda" if os.environ.get("SPEECHRT_TEST_DEVICE") == "cuda" else "cpu"
+# On CUDA both paths use cuBLAS/cuDNN (TF32 convolutions by default) in different orders.
+ATOL = 2e-4 if DEVICE == "cuda" else 2e-5
 
 
 def _load(shared, name, **kw):
@@ -36,7 +38,7 @@ def test_fused_fp32_equals_torch(shared, name):
     b, bl = fast.encode(feats, lens)
     assert al.tolist() == bl.tolist()
     for i, n in enumerate(al.tolist()):
-        torch.testing.assert_close(b[i, :n], a[i, :n], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(b[i, :n], a[i, :n], atol=ATOL, rtol=1e-5)
     kw = dict(method="attention_rescoring", beam_size=4,
               reverse_weight=0.3 if "u2pp" in name else 0.0)
     for x, y in zip(ref.decode(feats, lens, **kw), fast.decode(feats, lens, **kw)):
@@ -52,7 +54,7 @@ def test_streaming_chunk_mask_fused(shared):
         a, al = ref.encode(feats, lens, decoding_chunk_size=4, num_decoding_left_chunks=left)
         b, _ = fast.encode(feats, lens, decoding_chunk_size=4, num_decoding_left_chunks=left)
         for i, n in enumerate(al.tolist()):
-            torch.testing.assert_close(b[i, :n], a[i, :n], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(b[i, :n], a[i, :n], atol=ATOL, rtol=1e-5)
 
 
 def test_buckets_and_padding():

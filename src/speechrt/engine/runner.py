@@ -32,8 +32,12 @@ class ConformerEngine:
         self.precision = precision
         self.buckets = buckets or Buckets()
         self.encoder = FusedEncoder(net, precision, pad_mode)
-        # The subsampling convs run in the compute dtype (cuDNN), on a private copy.
-        self.encoder.subsampling = copy.deepcopy(net.encoder.subsampling).to(precision.compute)
+        # The subsampling convs run in the compute dtype (cuDNN, channels-last), on a private copy.
+        sub = copy.deepcopy(net.encoder.subsampling).to(precision.compute)
+        self.encoder.subsampling = sub.to(memory_format=torch.channels_last)
+        if next(net.parameters()).is_cuda:
+            # Let cuDNN pick its fastest algorithm per shape (once per bucket, before capture).
+            torch.backends.cudnn.benchmark = True
         self.l2r = self.r2l = None
         if net.decoder is not None:
             self.l2r = FusedDecoder(net.decoder.l2r, precision)
@@ -97,7 +101,7 @@ class ConformerEngine:
         """Decoder inputs (B, W, L) -> float32 log-probs (B, W, L, V) (and R2L if asked)."""
         self._with_r2l = bool(with_r2l and self.r2l is not None)
         b, w, l = l2r_in.shape
-        lb = -(-l // 16) * 16  # decoder lengths bucket in steps of 16 tokens
+        lb = l if l <= 8 else -(-l // 8) * 8  # decoder length buckets: steps of 8 tokens
         if lb != l:
             pad = l2r_in.new_zeros(b, w, lb - l)
             l2r_in = torch.cat([l2r_in, pad], dim=2)

@@ -132,6 +132,16 @@ class FusedEncoder:
             self._pos_cache[t] = pe
         return pe
 
+    def _pos_proj(self, blk: dict, pe: torch.Tensor) -> torch.Tensor:
+        """linear_pos(pe) depends on the length only: computed once per length and kept, so a
+        captured graph reads it as a constant instead of recomputing it every replay."""
+        cache = blk.setdefault("pos_proj", {})
+        p = cache.get(pe.shape[0])
+        if p is None:
+            p = F.linear(pe, blk["pos_w"])
+            cache[pe.shape[0]] = p
+        return p
+
     def _ffn(self, y, w1, b1, w2):
         return F.linear(self.act(F.linear(y, w1, b1)), w2)
 
@@ -142,7 +152,7 @@ class FusedEncoder:
         n = blk["norm_attn"]
         x, y = add_layer_norm(f, x, n.weight, n.bias, n.eps, x_bias=blk["mac_b2"], scale=0.5)
         qkv = F.linear(y, blk["qkv_w"], blk["qkv_b"]).view(b, t, 3, h, dk)
-        p = F.linear(pe, blk["pos_w"]).view(t, h, dk)
+        p = self._pos_proj(blk, pe).view(t, h, dk)
         att = rel_pos_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], p, blk["u"], blk["v"],
                                 lengths, chunk_size=chunk, num_left_chunks=left)
         att = F.linear(att.view(b, t, d), blk["out_w"])
@@ -166,8 +176,9 @@ class FusedEncoder:
         x, y = add_layer_norm(g, x, n.weight, n.bias, n.eps, x_bias=blk["pw2_b"])
         f = self._ffn(y, blk["ff_w1"], blk["ff_b1"], blk["ff_w2"])
         n = blk["norm_final"]
-        _, x = add_layer_norm(f, x, n.weight, n.bias, n.eps, x_bias=blk["ff_b2"], scale=0.5)
-        return x  # norm_final output: the next block's residual stream (compute dtype)
+        _, x = add_layer_norm(f, x, n.weight, n.bias, n.eps, x_bias=blk["ff_b2"], scale=0.5,
+                              y_dtype=self.residual_dtype)
+        return x  # norm_final output: the next block's residual stream
 
     @torch.inference_mode()
     def forward(
@@ -182,15 +193,14 @@ class FusedEncoder:
         x = self.subsampling(x) * math.sqrt(self.d)  # (B, T', D)
         out_lengths = self.subsampling.output_lengths(lengths)
         pe = self._positions(x.shape[1], x.device)
-        x = x.to(self.residual_dtype)
+        x = x.to(self.residual_dtype)  # the residual stream stays float32
         for blk in self.blocks:
             n = blk["norm_mac"]
-            y = layer_norm(x.to(self.dtype) if x.dtype != self.dtype else x, n.weight, n.bias, n.eps)
+            y = layer_norm(x, n.weight, n.bias, n.eps, y_dtype=self.dtype)
             x = self._block(x, y, blk, out_lengths, chunk_size, num_left_chunks, pe)
-            x = x.to(self.residual_dtype)
         n = self.final_norm
-        out = layer_norm(x, n.weight, n.bias, n.eps)
-        return out.float(), out_lengths
+        out = layer_norm(x, n.weight, n.bias, n.eps, y_dtype=torch.float32)
+        return out, out_lengths
 
 
 class FusedDecoder:

@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
                    help="shapes BxT to time torch.compile max-autotune at (slow: minutes each)")
     p.add_argument("--dtypes", default="fp16,bf16")
     p.add_argument("--e2e-dir", default=None, help="folder of .flac files for the end-to-end RTF")
+    p.add_argument("--profile", type=_shapes, default=((16, 256),),
+                   help="BxT of the per-kernel profile of one encoder forward")
     p.set_defaults(run=run)
 
 
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from speechrt.benchmark.conformer import BenchConfig, ConformerBench
 
     cfg = BenchConfig(batches=args.batches, lengths=args.lengths, compile_shapes=args.compile,
-                      dtypes=dtypes, e2e_dir=args.e2e_dir, out=Path(args.out))
+                      dtypes=dtypes, e2e_dir=args.e2e_dir, out=Path(args.out),
+                      profile_shape=args.profile[0])
     ConformerBench(cfg).run()
     print((cfg.out / "conformer.md").read_text())
     return 0

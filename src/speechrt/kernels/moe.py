@@ -1,0 +1,566 @@
+"""Mixture-of-experts feed-forward: router and grouped expert GEMMs (Triton), with torch references.
+
+Three steps, none of which synchronises with the host (CUDA-graph safe):
+
+1. :func:`moe_route` -- one kernel: router logits ``[embed, x] @ W (+ bias)`` accumulated in
+   float32, a float32 softmax over *all* experts (row max subtracted, so large logits cannot
+   overflow), and the top-k experts per row with their probabilities (optionally renormalised over
+   the k). 3M-ASR's SpeechMoE routing is top-1 without renormalisation; WeNet's ``MoEFFNLayer``
+   (softmax over the k selected logits) is top-k with renormalisation -- the same numbers, since
+   ``exp(z_i) / sum_sel exp(z_j) = p_i / sum_sel p_j``. Experts are picked from the logits, so
+   ties go to the lowest expert index (``torch.max``'s rule).
+2. :func:`moe_sort` -- the (token, slot) assignments sorted by expert with torch ops (stable sort
+   + searchsorted): ``order`` (N*K,) assignment ids grouped by expert, ``offsets`` (E+1,).
+3. :func:`moe_experts` -- two grouped GEMM launches covering every expert at once. The grid has
+   one program per (row tile, column tile) with ``cdiv(N*K, BLOCK_M) + E - 1`` row tiles, an
+   upper bound of ``sum_e cdiv(count_e, BLOCK_M)``; each program finds its expert from
+   ``offsets`` (a cumulative sum of tile counts) and idle programs exit, so empty experts, one
+   expert taking every token and odd counts need no host-side sizes.
+   * up:   ``h = act(x[token] @ W1[e]^T + b1[e])`` for the sorted rows (gathered from x);
+   * down: ``y = gate * (h @ W2[e]^T + b2[e])`` stored at the assignment's original row.
+   With k > 1 the k rows of a token are summed afterwards in float32 (deterministic, no atomics).
+
+Weights are read in the layout they are stored in: W1 (E, H, D), b1 (E, H), W2 (E, D, H),
+b2 (E, D), i.e. per expert exactly an ``nn.Linear`` (``FMoELinear`` in 3M-ASR). Float32 inputs
+use IEEE float32 dots (no TF32); float16/bfloat16 use tensor cores with float32 accumulation.
+
+``moe_route_ref`` and ``moe_experts_ref`` are the plain-torch references (a loop over experts with
+masks) that tests and benchmarks import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels._utils import (
+    MISSING_TL,
+    MISSING_TRITON,
+    cdiv,
+    check_float,
+    check_launch,
+    interpreting,
+    next_power_of_2,
+)
+
+try:  # Triton is optional: the references work without it, the launchers need it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton, tl = MISSING_TRITON, MISSING_TL
+
+__all__ = [
+    "ACTIVATIONS",
+    "RouteResult",
+    "moe_experts",
+    "moe_experts_ref",
+    "moe_route",
+    "moe_route_ref",
+    "moe_sort",
+]
+
+# Activations the expert kernel fuses (code passed as a constexpr).
+ACTIVATIONS = {"identity": 0, "swish": 1, "silu": 1, "relu": 2, "gelu": 3}
+MAX_EXPERTS = 256
+MAX_TOP_K = 8
+
+
+@dataclass(frozen=True)
+class RouteResult:
+    """Router output for N rows and k experts per row.
+
+    gate_idx: (N, K) chosen experts, best first (int32 from the kernel, int64 from the reference).
+    gate_val: (N, K) float32 their softmax probabilities (renormalised over the k if asked).
+    logits: (N, E) float32 router logits, or None when not requested.
+    """
+
+    gate_idx: torch.Tensor
+    gate_val: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _route_kernel(
+    X, EMB, W, BIAS, LOGITS, IDX, VAL,
+    n_rows, D, DE, E,
+    stride_x, stride_emb, stride_w,
+    HAS_EMB: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    RENORM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_TOPK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    # Router rows 0..DE-1 act on the embedding, rows DE..DE+D-1 on x (3M-ASR's concat order).
+    if HAS_EMB:
+        for k0 in range(0, DE, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < DE
+            a = tl.load(EMB + rows64[:, None] * stride_emb + ks[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + ks[:, None] * stride_w + cols[None, :],
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        a = tl.load(X + rows64[:, None] * stride_x + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + (DE + ks)[:, None] * stride_w + cols[None, :],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if STORE_LOGITS:
+        tl.store(LOGITS + rows64[:, None] * E + cols[None, :], acc,
+                 mask=row_ok[:, None] & col_ok[None, :])
+    # Softmax over all E experts, max subtracted first (exp never overflows).
+    z = tl.where(col_ok[None, :], acc, float("-inf"))
+    m = tl.max(z, axis=1)
+    p = tl.exp(z - m[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    slots = tl.arange(0, BLOCK_TOPK)
+    sel_idx = tl.zeros((BLOCK_M, BLOCK_TOPK), dtype=tl.int32)
+    sel_val = tl.zeros((BLOCK_M, BLOCK_TOPK), dtype=tl.float32)
+    for i in tl.static_range(TOP_K):
+        best = tl.argmax(z, axis=1, tie_break_left=True).to(tl.int32)  # (BLOCK_M,)
+        hit = cols[None, :] == best[:, None]
+        val = tl.sum(tl.where(hit, p, 0.0), axis=1)
+        sel_idx = tl.where(slots[None, :] == i, best[:, None], sel_idx)
+        sel_val = tl.where(slots[None, :] == i, val[:, None], sel_val)
+        z = tl.where(hit, float("-inf"), z)
+    if RENORM:
+        sel_val = sel_val / tl.sum(sel_val, axis=1)[:, None]
+    out = rows64[:, None] * TOP_K + slots[None, :]
+    smask = row_ok[:, None] & (slots < TOP_K)[None, :]
+    tl.store(IDX + out, sel_idx, mask=smask)
+    tl.store(VAL + out, sel_val, mask=smask)
+
+
+@triton.jit
+def _expert_tile(OFFS, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's row tile: (expert, first sorted row, end row); expert == E when idle.
+
+    Expert e owns ``cdiv(count_e, BLOCK_M)`` consecutive tiles; tile t belongs to the expert
+    whose cumulative tile count first exceeds t (empty experts own none)."""
+    pid = tl.program_id(0)
+    es = tl.arange(0, BLOCK_E)
+    e_ok = es < E
+    start = tl.load(OFFS + es, mask=e_ok, other=0)
+    end = tl.load(OFFS + es + 1, mask=e_ok, other=0)
+    tiles = (end - start + BLOCK_M - 1) // BLOCK_M
+    cum = tl.cumsum(tiles, axis=0)  # inclusive
+    e = tl.sum((e_ok & (cum <= pid)).to(tl.int32), axis=0)
+    mine = es == e
+    first_tile = tl.sum(tl.where(mine, cum - tiles, 0), axis=0)
+    row_start = tl.sum(tl.where(mine, start, 0), axis=0) + (pid - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(mine, end, 0), axis=0)
+    return e, row_start, row_end
+
+
+@triton.jit
+def _activate(h, ACT: tl.constexpr):
+    if ACT == 1:
+        h = h * tl.sigmoid(h)
+    elif ACT == 2:
+        h = tl.maximum(h, 0.0)
+    elif ACT == 3:
+        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    return h
+
+
+@triton.jit
+def _expert_up_kernel(
+    X, ORDER, OFFS, W1, B1, H,
+    D, HID, E, top_k,
+    stride_x, stride_we, stride_wn, stride_be, stride_h,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    e, row_start, row_end = _expert_tile(OFFS, E, BLOCK_M, BLOCK_E)
+    if e < E:
+        rows = row_start + tl.arange(0, BLOCK_M)  # positions in the sorted order
+        row_ok = rows < row_end
+        assign = tl.load(ORDER + rows, mask=row_ok, other=0)
+        tok = (assign // top_k).to(tl.int64)
+        ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = ns < HID
+        w_base = W1 + e.to(tl.int64) * stride_we
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < D
+            a = tl.load(X + tok[:, None] * stride_x + ks[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + ns[None, :] * stride_wn + ks[:, None],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(B1 + e.to(tl.int64) * stride_be + ns, mask=n_ok,
+                           other=0.0).to(tl.float32)[None, :]
+        acc = _activate(acc, ACT)
+        tl.store(H + rows.to(tl.int64)[:, None] * stride_h + ns[None, :],
+                 acc.to(H.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _expert_down_kernel(
+    HS, ORDER, OFFS, GATE, W2, B2, Y,
+    D, HID, E,
+    stride_h, stride_we, stride_wn, stride_be, stride_y,
+    HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    e, row_start, row_end = _expert_tile(OFFS, E, BLOCK_M, BLOCK_E)
+    if e < E:
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        rows64 = rows.to(tl.int64)
+        assign = tl.load(ORDER + rows, mask=row_ok, other=0).to(tl.int64)
+        ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = ns < D
+        w_base = W2 + e.to(tl.int64) * stride_we
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, HID, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < HID
+            a = tl.load(HS + rows64[:, None] * stride_h + ks[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + ns[None, :] * stride_wn + ks[:, None],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(B2 + e.to(tl.int64) * stride_be + ns, mask=n_ok,
+                           other=0.0).to(tl.float32)[None, :]
+        if HAS_GATE:
+            acc *= tl.load(GATE + assign, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(Y + assign[:, None] * stride_y + ns[None, :],
+                 acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    check_float(name, x)
+    x2d = x.reshape(-1, x.shape[-1])  # (N, C)
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def moe_route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    embed: torch.Tensor | None = None,
+    top_k: int = 1,
+    renormalize: bool = False,
+    return_logits: bool = False,
+) -> RouteResult:
+    """Router logits, float32 softmax and top-k in one kernel.
+
+    Args:
+        x: (..., D) router input (the FFN input).
+        weight: (DE + D, E) router matrix; its first DE rows act on ``embed``.
+        bias: (E,) or None.
+        embed: (..., DE) side input (3M-ASR's embedding network output) or None (DE = 0).
+        top_k: experts per row (1..8, at most E).
+        renormalize: divide the k probabilities by their sum.
+        return_logits: also return the (N, E) float32 logits.
+    Returns:
+        :class:`RouteResult` with N = prod(x.shape[:-1]) rows; gate_idx int32.
+    """
+    x2d = _rows(x, "x")
+    n, d = x2d.shape
+    de = 0
+    emb2d = None
+    if embed is not None:
+        emb2d = _rows(embed, "embed")
+        de = emb2d.shape[1]
+        if emb2d.shape[0] != n:
+            raise ValueError(f"embed has {emb2d.shape[0]} rows, x has {n}")
+    e = _check_router(weight, bias, d + de, top_k)
+    check_launch(_route_kernel, *(t for t in (x2d, emb2d, weight, bias) if t is not None))
+    weight = weight.contiguous()
+    idx = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
+    val = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
+    logits = torch.empty(n, e, dtype=torch.float32, device=x.device) if return_logits else None
+    if n == 0:
+        return RouteResult(idx, val, logits)
+    block_m = 16 if n <= 16 else (32 if n <= 4096 else 64)
+    _route_kernel[(cdiv(n, block_m),)](
+        x2d, emb2d if emb2d is not None else x2d, weight, bias if bias is not None else weight,
+        logits if logits is not None else val, idx, val,
+        n, d, de, e,
+        x2d.stride(0), emb2d.stride(0) if emb2d is not None else 0, weight.stride(0),
+        HAS_EMB=emb2d is not None, HAS_BIAS=bias is not None, STORE_LOGITS=return_logits,
+        TOP_K=top_k, RENORM=renormalize, BLOCK_M=block_m, BLOCK_K=32,
+        BLOCK_E=max(16, next_power_of_2(e)), BLOCK_TOPK=next_power_of_2(top_k),
+        num_warps=4,
+    )
+    return RouteResult(idx, val, logits)
+
+
+def _check_router(weight: torch.Tensor, bias: torch.Tensor | None, k: int, top_k: int) -> int:
+    if weight.dim() != 2 or weight.shape[0] != k:
+        raise ValueError(f"router weight must be ({k}, E), got {tuple(weight.shape)}")
+    e = weight.shape[1]
+    if not 1 <= e <= MAX_EXPERTS:
+        raise ValueError(f"the router supports 1..{MAX_EXPERTS} experts, got {e}")
+    if not 1 <= top_k <= min(e, MAX_TOP_K):
+        raise ValueError(f"top_k must be in 1..{min(e, MAX_TOP_K)}, got {top_k}")
+    if bias is not None and tuple(bias.shape) != (e,):
+        raise ValueError(f"router bias must be ({e},), got {tuple(bias.shape)}")
+    return e
+
+
+def moe_sort(gate_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group the N*K (row, slot) assignments by expert, on the device, without a host sync.
+
+    gate_idx (N, K) -> (order (N*K,) int32 flat assignment ids, expert by expert, each expert's
+    in increasing id order; offsets (E+1,) int32, expert e owns ``order[offsets[e]:offsets[e+1]]``).
+    """
+    flat = gate_idx.reshape(-1).to(torch.int32)  # (N*K,)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    bounds = torch.arange(num_experts + 1, device=flat.device, dtype=torch.int32)
+    offsets = torch.searchsorted(sorted_ids, bounds)
+    return order.to(torch.int32), offsets.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class _GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _gemm_config(n_assign: int, num_experts: int, dtype: torch.dtype) -> _GemmConfig:
+    """Tile sizes: row tiles sized to the mean rows per expert (small batches waste less)."""
+    mean = n_assign / max(num_experts, 1)
+    block_m = 16 if mean <= 16 else (32 if mean <= 48 else 64)
+    if interpreting():  # few, large programs: the interpreter's cost is per program and op
+        return _GemmConfig(32, 64, 64, 4, 1)
+    if dtype == torch.float32:
+        return _GemmConfig(block_m, 64, 32, 4, 2)
+    if mean > 256:
+        return _GemmConfig(128, 128, 64, 8, 3)
+    return _GemmConfig(block_m, 128, 64, 4, 3)
+
+
+def _check_experts(x2d, w1, b1, w2, b2) -> tuple[int, int, int]:
+    e, hid, d = w1.shape
+    if x2d.shape[1] != d:
+        raise ValueError(f"x has {x2d.shape[1]} features, W1 expects {d}")
+    if tuple(w2.shape) != (e, d, hid):
+        raise ValueError(f"W2 must be {(e, d, hid)}, got {tuple(w2.shape)}")
+    for name, b, shape in (("b1", b1, (e, hid)), ("b2", b2, (e, d))):
+        if b is not None and tuple(b.shape) != shape:
+            raise ValueError(f"{name} must be {shape}, got {tuple(b.shape)}")
+    for name, t in (("w1", w1), ("w2", w2)):
+        if t.dtype != x2d.dtype:
+            raise ValueError(f"{name} is {t.dtype} but x is {x2d.dtype}")
+    return e, hid, d
+
+
+def moe_experts(
+    x: torch.Tensor,
+    gate_idx: torch.Tensor,
+    gate_val: torch.Tensor | None,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str = "swish",
+) -> torch.Tensor:
+    """Every row through its chosen experts: ``sum_k gate[k] * W2_e act(W1_e x + b1_e) + b2_e``.
+
+    Args:
+        x: (..., D) rows, float32/float16/bfloat16.
+        gate_idx: (N, K) experts per row (N = prod(x.shape[:-1])), int32 or int64.
+        gate_val: (N, K) weights per (row, slot), or None for weight 1.
+        w1: (E, H, D), b1: (E, H) or None, w2: (E, D, H), b2: (E, D) or None, x's dtype.
+        activation: one of :data:`ACTIVATIONS`.
+    Returns:
+        (..., D) in x's dtype. The hidden activations are rounded to x's dtype between the two
+        GEMMs (as a dense FFN in that dtype does); accumulation is float32.
+    """
+    if activation not in ACTIVATIONS:
+        raise UnsupportedOptionError(
+            f"activation '{activation}' has no fused MoE kernel ({', '.join(ACTIVATIONS)})"
+        )
+    x2d = _rows(x, "x")
+    n = x2d.shape[0]
+    e, hid, d = _check_experts(x2d, w1, b1, w2, b2)
+    if gate_idx.dim() != 2 or gate_idx.shape[0] != n:
+        raise ValueError(f"gate_idx must be ({n}, K), got {tuple(gate_idx.shape)}")
+    k = gate_idx.shape[1]
+    if gate_val is not None and gate_val.shape != gate_idx.shape:
+        raise ValueError(f"gate_val {tuple(gate_val.shape)} != gate_idx {tuple(gate_idx.shape)}")
+    tensors = (x2d, gate_idx, w1, w2) + tuple(t for t in (gate_val, b1, b2) if t is not None)
+    check_launch(_expert_up_kernel, *tensors)
+    if e > MAX_EXPERTS:
+        raise ValueError(f"at most {MAX_EXPERTS} experts, got {e}")
+    n_assign = n * k
+    y_dtype = x.dtype if k == 1 else torch.float32
+    # Every (row, slot) is written exactly once by the down kernel: no zero fill needed.
+    y = torch.empty(n_assign, d, dtype=y_dtype, device=x.device)  # (N*K, D)
+    if n_assign > 0:
+        _launch_experts(x2d, gate_idx, gate_val, w1, b1, w2, b2, activation, y)
+    if k > 1:
+        y = y.view(n, k, d).sum(dim=1).to(x.dtype)  # (N, D)
+    return y.view(*x.shape[:-1], d)
+
+
+def _launch_experts(x2d, gate_idx, gate_val, w1, b1, w2, b2, activation, y) -> None:
+    n, d = x2d.shape
+    e, hid, _ = w1.shape
+    k = gate_idx.shape[1]
+    n_assign = n * k
+    order, offsets = moe_sort(gate_idx, e)
+    cfg = _gemm_config(n_assign, e, x2d.dtype)
+    max_tiles = cdiv(n_assign, cfg.block_m) + e - 1
+    upcast = x2d.dtype == torch.float32 or (interpreting() and x2d.dtype == torch.bfloat16)
+    # UPCAST: float32 operands with IEEE products (float32 inputs: no TF32; bfloat16 under
+    # TRITON_INTERPRET, whose bf16 dot is wrong -- bf16 products are exact in float32).
+    common = dict(UPCAST=upcast, INPUT_PRECISION="ieee" if upcast else "tf32",
+                  BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_E=max(2, next_power_of_2(e)),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    b1 = b1.contiguous() if b1 is not None else None
+    b2 = b2.contiguous() if b2 is not None else None
+    h = torch.empty(n_assign, hid, dtype=x2d.dtype, device=x2d.device)  # (N*K, H), sorted
+    _expert_up_kernel[(max_tiles, cdiv(hid, cfg.block_n))](
+        x2d, order, offsets, w1, b1 if b1 is not None else w1, h,
+        d, hid, e, k,
+        x2d.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0,
+        h.stride(0),
+        HAS_BIAS=b1 is not None, ACT=ACTIVATIONS[activation], **common,
+    )
+    gate = gate_val.reshape(-1).float().contiguous() if gate_val is not None else None
+    _expert_down_kernel[(max_tiles, cdiv(d, cfg.block_n))](
+        h, order, offsets, gate if gate is not None else h, w2, b2 if b2 is not None else w2, y,
+        d, hid, e,
+        h.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0,
+        y.stride(0),
+        HAS_BIAS=b2 is not None, HAS_GATE=gate is not None, **common,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# References
+# --------------------------------------------------------------------------------------------
+
+
+def moe_route_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    embed: torch.Tensor | None = None,
+    top_k: int = 1,
+    renormalize: bool = False,
+) -> RouteResult:
+    """Plain-torch router: float32 ``softmax([embed, x] @ W + b)``, top-k by logit.
+
+    Shapes as :func:`moe_route`; returns gate_idx int64 and the logits.
+    """
+    r = x.reshape(-1, x.shape[-1]).float()  # (N, D)
+    if embed is not None:
+        r = torch.cat([embed.reshape(-1, embed.shape[-1]).float(), r], dim=-1)  # (N, DE + D)
+    logits = r @ weight.float()
+    if bias is not None:
+        logits = logits + bias.float()
+    probs = torch.softmax(logits, dim=-1)
+    if top_k == 1:
+        idx = logits.argmax(dim=-1, keepdim=True)  # first maximum, as torch.max
+    else:
+        idx = torch.topk(logits, top_k, dim=-1).indices
+    val = probs.gather(-1, idx)
+    if renormalize:
+        val = val / val.sum(dim=-1, keepdim=True)
+    return RouteResult(idx, val, logits)
+
+
+_TORCH_ACT = {
+    "identity": lambda h: h,
+    "swish": F.silu,
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+}
+
+
+def moe_experts_ref(
+    x: torch.Tensor,
+    gate_idx: torch.Tensor,
+    gate_val: torch.Tensor | None,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str = "swish",
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Plain-torch :func:`moe_experts`: a loop over experts, each on the rows that chose it.
+
+    GEMMs run in x's dtype (float32 with ``upcast``); the weighted sum over the k experts of a row
+    accumulates in float32. Returns (..., D) in x's dtype.
+    """
+    act = _TORCH_ACT.get(activation)
+    if act is None:
+        raise UnsupportedOptionError(f"unknown MoE activation '{activation}'")
+    dtype = x.dtype
+    x2d = x.reshape(-1, x.shape[-1])  # (N, D)
+    cdt = torch.float32 if upcast else dtype
+    out = torch.zeros(x2d.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(w1.shape[0]):
+        rows, slots = torch.where(gate_idx == e)
+        if rows.numel() == 0:
+            continue
+        h = x2d[rows].to(cdt) @ w1[e].to(cdt).T
+        if b1 is not None:
+            h = h + b1[e].to(cdt)
+        y = act(h) @ w2[e].to(cdt).T
+        if b2 is not None:
+            y = y + b2[e].to(cdt)
+        y = y.float()
+        if gate_val is not None:
+            y = y * gate_val[rows, slots].float().unsqueeze(-1)
+        out.index_add_(0, rows, y)
+    return out.to(dtype).view(*x.shape[:-1], w2.shape[1])

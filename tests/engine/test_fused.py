@@ -29,6 +29,14 @@ def _load(shared, name, **kw):
     return d, feats, lens
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Compare true float32 paths: cuDNN convolutions default to TF32 on CUDA."""
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False,
+                                    allow_tf32=False):
+        yield
+
+
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fused_fp32_equals_torch(shared, name):
     d, feats, lens = _load(shared, name)

@@ -32,6 +32,12 @@ from speechrt.benchmark.common import (  # noqa: I001
 ENC_GATE = (3.5e-2, 2e-3)
 
 
+def _strict_fp32():
+    """The FP32 reference without TF32 (cuDNN convolutions default to TF32)."""
+    return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False,
+                                      allow_tf32=False)
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -125,7 +131,8 @@ class ConformerBench:
         lens = torch.full((b,), t, dtype=torch.long, device=self.dev)
         rows = []
         with torch.inference_mode():
-            ref, ref_lens = self.net.encoder(feats, lens)
+            with _strict_fp32():
+                ref, ref_lens = self.net.encoder(feats, lens)
             ref_v = valid_rows(ref, ref_lens)
             providers = {
                 "eager_fp32": lambda: self.net.encoder(feats, lens),
@@ -148,7 +155,8 @@ class ConformerBench:
         feats = torch.randn(b, t, 80, device=self.dev).half()
         lens = torch.full((b,), t, dtype=torch.long, device=self.dev)
         with torch.inference_mode():
-            ref, ref_lens = self.net.encoder(feats.float(), lens)
+            with _strict_fp32():
+                ref, ref_lens = self.net.encoder(feats.float(), lens)
             enc = torch.compile(self.net16.encoder, mode="max-autotune", dynamic=False)
             t0 = time.perf_counter()
             out, out_lens = enc(feats, lens)
@@ -172,7 +180,8 @@ class ConformerBench:
             mem, mem_lens = self.net.encoder(feats, lens)
             hyps, hyp_lens = _hyps(b, self.cfg.hyps, mem.shape[1], 4233, gen, self.dev)
             l2r_in, r2l_in, in_lens = decoder_inputs(hyps, hyp_lens, 4232, 4232)
-            ref, _ = self.net.rescoring_log_probs(mem, mem_lens, hyps, hyp_lens, False)
+            with _strict_fp32():
+                ref, _ = self.net.rescoring_log_probs(mem, mem_lens, hyps, hyp_lens, False)
             valid = torch.arange(ref.shape[2], device=self.dev) < in_lens.unsqueeze(-1)
             ref_v = ref[valid]
             mem16 = mem.half()

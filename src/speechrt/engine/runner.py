@@ -32,12 +32,8 @@ class ConformerEngine:
         self.precision = precision
         self.buckets = buckets or Buckets()
         self.encoder = FusedEncoder(net, precision, pad_mode)
-        # The subsampling convs run in the compute dtype (cuDNN, channels-last), on a private copy.
-        sub = copy.deepcopy(net.encoder.subsampling).to(precision.compute)
-        self.encoder.subsampling = sub.to(memory_format=torch.channels_last)
-        if next(net.parameters()).is_cuda:
-            # Let cuDNN pick its fastest algorithm per shape (once per bucket, before capture).
-            torch.backends.cudnn.benchmark = True
+        # A linear input layer runs as torch modules in the compute dtype, on a private copy.
+        self.encoder.subsampling = copy.deepcopy(net.encoder.subsampling).to(precision.compute)
         self.l2r = self.r2l = None
         if net.decoder is not None:
             self.l2r = FusedDecoder(net.decoder.l2r, precision)

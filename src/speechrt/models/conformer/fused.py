@@ -18,6 +18,7 @@ Each pre-norm Conformer block runs as::
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from speechrt.kernels.attention import attention, rel_pos_attention
 from speechrt.kernels.conv_module import fold_batch_norm, glu_depthwise_conv
 from speechrt.kernels.layer_norm import add_layer_norm, layer_norm
 from speechrt.kernels.log_softmax import linear_log_softmax
+from speechrt.kernels.subsampling import conv1_cmvn_relu
 from speechrt.layers.positional import positions
 from speechrt.models.conformer.model import ConformerASR
 
@@ -78,6 +80,7 @@ class FusedEncoder:
         self.act = _ACT[self.cfg.activation_type]
         self.subsampling = enc.subsampling
         self.sub_dtype = self.dtype
+        self._front = self._prepare_front(enc.subsampling) if enc.subsampling.convs else None
         self.cmvn_mean = enc.cmvn_mean.float()
         self.cmvn_istd = enc.cmvn_istd.float()
         self.final_norm = _norm(enc.final_norm)
@@ -85,6 +88,43 @@ class FusedEncoder:
         self.n_head = self.cfg.attention_heads
         self.d = self.cfg.output_size
         self._pos_cache: dict[int, torch.Tensor] = {}
+
+    def _prepare_front(self, sub) -> dict:
+        """Conv front: first conv fused with CMVN + ReLU (Triton, NHWC out), later convs on cuDNN
+        in channels-last, the projection's columns reordered to the NHWC (freq, channel) order and
+        scaled by sqrt(d) (the positional-encoding input scale), so no transpose or scale remains.
+        """
+        convs = [copy.deepcopy(c).to(self.dtype).to(memory_format=torch.channels_last)
+                 for c in sub.convs[1:]]
+        c = sub.convs[0].out_channels
+        w = sub.proj.weight.detach()  # (D, C * F2), column = c * F2 + f
+        d = w.shape[0]
+        f2 = w.shape[1] // c
+        w = w.view(d, c, f2).transpose(1, 2).reshape(d, f2 * c)  # column = f * C + c
+        scale = math.sqrt(self.cfg.output_size)
+        return {
+            "w0": sub.convs[0].weight.detach().float(), "b0": sub.convs[0].bias.detach().float(),
+            "stride0": tuple(sub.convs[0].stride), "convs": convs,
+            "proj_w": (w * scale).to(self.dtype).contiguous(),
+            "proj_b": (sub.proj.bias.detach() * scale).to(self.dtype),
+        }
+
+    def _embed(self, feats: torch.Tensor) -> torch.Tensor:
+        """Raw fbank (B, T, F) -> sqrt(d) * subsampling(CMVN(feats)), (B, T', D) compute dtype."""
+        fr = self._front
+        if fr is None:
+            x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.sub_dtype)
+            return self.subsampling(x) * math.sqrt(self.d)
+        y = conv1_cmvn_relu(feats.float().contiguous(), self.cmvn_mean, self.cmvn_istd, fr["w0"],
+                            fr["b0"], fr["stride0"], out_dtype=self.dtype)  # (B, T1, F1, C)
+        x = y.permute(0, 3, 1, 2)  # (B, C, T1, F1) channels-last view
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
+                                        allow_tf32=self.dtype != torch.float32):
+            for conv in fr["convs"]:
+                x = torch.relu_(conv(x))
+        b, c, t, f = x.shape
+        x = x.permute(0, 2, 3, 1).reshape(b, t, f * c)  # NHWC memory: a view, no copy
+        return F.linear(x, fr["proj_w"], fr["proj_b"])
 
     def _w(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().to(self.dtype).contiguous()
@@ -189,8 +229,7 @@ class FusedEncoder:
         chunk_size/num_left_chunks: the chunk mask to apply (0 = full attention), as returned by
         :meth:`Encoder.chunk_config`.
         """
-        x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.sub_dtype)
-        x = self.subsampling(x) * math.sqrt(self.d)  # (B, T', D)
+        x = self._embed(feats)  # (B, T', D)
         out_lengths = self.subsampling.output_lengths(lengths)
         pe = self._positions(x.shape[1], x.device)
         x = x.to(self.residual_dtype)  # the residual stream stays float32

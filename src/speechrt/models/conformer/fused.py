@@ -30,7 +30,6 @@ from speechrt.kernels.attention import attention, rel_pos_attention
 from speechrt.kernels.conv_module import fold_batch_norm, glu_depthwise_conv
 from speechrt.kernels.layer_norm import add_layer_norm, layer_norm
 from speechrt.kernels.log_softmax import linear_log_softmax
-from speechrt.kernels.subsampling import conv1_cmvn_relu
 from speechrt.layers.positional import positions
 from speechrt.models.conformer.model import ConformerASR
 
@@ -90,12 +89,12 @@ class FusedEncoder:
         self._pos_cache: dict[int, torch.Tensor] = {}
 
     def _prepare_front(self, sub) -> dict:
-        """Conv front: first conv fused with CMVN + ReLU (Triton, NHWC out), later convs on cuDNN
-        in channels-last, the projection's columns reordered to the NHWC (freq, channel) order and
-        scaled by sqrt(d) (the positional-encoding input scale), so no transpose or scale remains.
+        """Conv front on cuDNN in channels-last (ReLU in place), the projection's columns
+        reordered to the NHWC (freq, channel) order and scaled by sqrt(d) (the positional-encoding
+        input scale), so neither a transpose copy nor a scale kernel remains.
         """
         convs = [copy.deepcopy(c).to(self.dtype).to(memory_format=torch.channels_last)
-                 for c in sub.convs[1:]]
+                 for c in sub.convs]
         c = sub.convs[0].out_channels
         w = sub.proj.weight.detach()  # (D, C * F2), column = c * F2 + f
         d = w.shape[0]
@@ -103,8 +102,7 @@ class FusedEncoder:
         w = w.view(d, c, f2).transpose(1, 2).reshape(d, f2 * c)  # column = f * C + c
         scale = math.sqrt(self.cfg.output_size)
         return {
-            "w0": sub.convs[0].weight.detach().float(), "b0": sub.convs[0].bias.detach().float(),
-            "stride0": tuple(sub.convs[0].stride), "convs": convs,
+            "convs": convs,
             "proj_w": (w * scale).to(self.dtype).contiguous(),
             "proj_b": (sub.proj.bias.detach() * scale).to(self.dtype),
         }
@@ -115,9 +113,7 @@ class FusedEncoder:
         if fr is None:
             x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.sub_dtype)
             return self.subsampling(x) * math.sqrt(self.d)
-        y = conv1_cmvn_relu(feats.float().contiguous(), self.cmvn_mean, self.cmvn_istd, fr["w0"],
-                            fr["b0"], fr["stride0"], out_dtype=self.dtype)  # (B, T1, F1, C)
-        x = y.permute(0, 3, 1, 2)  # (B, C, T1, F1) channels-last view
+        x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.dtype).unsqueeze(1)  # (B,1,T,F)
         with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
                                         allow_tf32=self.dtype != torch.float32):
             for conv in fr["convs"]:

@@ -33,7 +33,7 @@ __all__ = [
 
 
 def load_model(path, device=None, dtype=None):
-    """Load a model from ``path`` (format detected from its contents); see :mod:`speechrt.models`."""
+    """Load a model from ``path``; the format is detected from its contents."""
     from speechrt.models.registry import load_model as _load
 
     return _load(path, device=device, dtype=dtype)

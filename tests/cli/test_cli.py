@@ -34,13 +34,25 @@ def run(capsys, *argv):
 
 def _one_error_line(err: str, *needles: str):
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert any(ln.startswith("speechrt: error:") and all(n in ln for n in needles) for ln in lines), err
+    assert any(
+        ln.startswith("speechrt: error:") and all(n in ln for n in needles) for ln in lines
+    ), err
     assert "Traceback" not in err
 
 
 def test_transcribe_text_and_json(capsys):
-    code, out, err = run(capsys, "transcribe", "--model", MODEL, "--method",
-                         "ctc_prefix_beam_search", "--beam-size", "4", WAV1, FLAC)
+    code, out, err = run(
+        capsys,
+        "transcribe",
+        "--model",
+        MODEL,
+        "--method",
+        "ctc_prefix_beam_search",
+        "--beam-size",
+        "4",
+        WAV1,
+        FLAC,
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert [ln.split("\t")[0] for ln in lines] == [WAV1, FLAC]
@@ -53,11 +65,14 @@ def test_transcribe_text_and_json(capsys):
 
 
 def test_batched_equals_single(capsys):
-    _, out_batch, _ = run(capsys, "transcribe", "--model", MODEL, "--format", "jsonl", WAV1, WAV2, FLAC)
+    _, out_batch, _ = run(
+        capsys, "transcribe", "--model", MODEL, "--format", "jsonl", WAV1, WAV2, FLAC
+    )
     singles = []
     for f in (WAV1, WAV2, FLAC):
-        _, out, _ = run(capsys, "transcribe", "--model", MODEL, "--format", "jsonl",
-                        "--batch-size", "1", f)
+        _, out, _ = run(
+            capsys, "transcribe", "--model", MODEL, "--format", "jsonl", "--batch-size", "1", f
+        )
         singles.append(json.loads(out))
     batch = [json.loads(ln) for ln in out_batch.splitlines()]
     assert [b["tokens"] for b in batch] == [s["tokens"] for s in singles]
@@ -68,8 +83,20 @@ def test_batched_equals_single(capsys):
 def test_wav_scp_and_streaming(tmp_path, capsys):
     scp = tmp_path / "wav.scp"
     scp.write_text(f"utt1 {REPO / WAV1}\nutt2 {REPO / WAV2}\n")
-    code, out, err = run(capsys, "transcribe", "--model", MODEL, "--chunk-size", "8",
-                         "--simulate-streaming", "--method", "attention", "--beam-size", "3", str(scp))
+    code, out, err = run(
+        capsys,
+        "transcribe",
+        "--model",
+        MODEL,
+        "--chunk-size",
+        "8",
+        "--simulate-streaming",
+        "--method",
+        "attention",
+        "--beam-size",
+        "3",
+        str(scp),
+    )
     assert code == 0, err
     assert [ln.split("\t")[0] for ln in out.splitlines()] == ["utt1", "utt2"]
 
@@ -84,8 +111,20 @@ def test_bad_files_are_reported_and_the_rest_transcribed(tmp_path, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("not audio")
     missing = tmp_path / "missing.wav"
-    code, out, err = run(capsys, "transcribe", "--model", MODEL, "--method", "ctc_greedy_search",
-                         str(corrupt), WAV1, str(empty), str(silent), str(text), str(missing))
+    code, out, err = run(
+        capsys,
+        "transcribe",
+        "--model",
+        MODEL,
+        "--method",
+        "ctc_greedy_search",
+        str(corrupt),
+        WAV1,
+        str(empty),
+        str(silent),
+        str(text),
+        str(missing),
+    )
     assert code == 1
     assert [ln.split("\t")[0] for ln in out.splitlines()] == [WAV1]
     for f in (corrupt, empty, silent, text, missing):
@@ -118,11 +157,14 @@ def test_bad_options(capsys, argv, needles):
 
 def test_method_the_model_cannot_do(capsys, shared):
     non_streaming = shared / "fixtures" / "wenet" / "conformer_ctc_aed"
-    code, _, err = run(capsys, "transcribe", "--model", str(non_streaming), "--chunk-size", "8", WAV1)
+    code, _, err = run(
+        capsys, "transcribe", "--model", str(non_streaming), "--chunk-size", "8", WAV1
+    )
     assert code == 2
     _one_error_line(err, "decoding_chunk_size", "chunks")
-    code, _, err = run(capsys, "transcribe", "--model", str(non_streaming), "--reverse-weight",
-                       "0.3", WAV1)
+    code, _, err = run(
+        capsys, "transcribe", "--model", str(non_streaming), "--reverse-weight", "0.3", WAV1
+    )
     assert code == 2
     _one_error_line(err, "reverse_weight", "bidirectional")
 
@@ -133,8 +175,20 @@ def test_eval_reports_cer(tmp_path, capsys):
     text = tmp_path / "text"
     text.write_text("a 甚至出现交易几乎停滞的情况\nb 一二线城市虽然也处于调整中\n")
     report = tmp_path / "report.json"
-    code, out, err = run(capsys, "eval", "--model", MODEL, "--data", str(scp), "--text", str(text),
-                         "--method", "ctc_greedy_search", "--report", str(report))
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--model",
+        MODEL,
+        "--data",
+        str(scp),
+        "--text",
+        str(text),
+        "--method",
+        "ctc_greedy_search",
+        "--report",
+        str(report),
+    )
     assert code == 0, err
     rep = json.loads(report.read_text())
     totals = rep["totals"]
@@ -148,7 +202,9 @@ def test_eval_reports_cer(tmp_path, capsys):
 def test_console_script_has_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "speechrt.cli.main", "transcribe", "--model", str(tmp_path), WAV1],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("speechrt: error:") and "Traceback" not in proc.stderr

@@ -41,7 +41,8 @@ def test_rescoring_matches_oracle(seed):
             assert r2l_in[bi, i, : n + 1].tolist() == [sos] + nbest[idx.index(i)][0][::-1]
             assert int(in_lens[bi, i]) == n + 1
         best, best_score, scores = attention_rescoring_ref(
-            nbest, [l2r[bi, i] for i in idx], [r2l[bi, i] for i in idx], eos, cw, rw)
+            nbest, [l2r[bi, i] for i in idx], [r2l[bi, i] for i in idx], eos, cw, rw
+        )
         assert idx[best] == int(res.best_index[bi])
         assert float(res.best_score[bi]) == pytest.approx(best_score, abs=1e-9)
         for k, i in enumerate(idx):
@@ -110,7 +111,8 @@ def test_beam_search_with_kv_cache_matches_full_recompute(shared, name):
                 lp = dec(toks, torch.tensor([[len(prefix)]]), kv, n)
             return lp[0, 0, -1]
 
-        tokens, score = attention_beam_search_ref(next_log_probs, beam, model.cfg.sos,
-                                                  model.cfg.eos, int(enc_lens[bi]))
+        tokens, score = attention_beam_search_ref(
+            next_log_probs, beam, model.cfg.sos, model.cfg.eos, int(enc_lens[bi])
+        )
         assert results[bi][0][0] == tokens
         assert results[bi][0][1] == pytest.approx(score, abs=1e-3)

@@ -32,8 +32,9 @@ def _load(shared, name, **kw):
 @pytest.fixture(autouse=True)
 def _no_tf32():
     """Compare true float32 paths: cuDNN convolutions default to TF32 on CUDA."""
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False,
-                                    allow_tf32=False):
+    with torch.backends.cudnn.flags(
+        enabled=True, benchmark=False, deterministic=False, allow_tf32=False
+    ):
         yield
 
 
@@ -47,8 +48,9 @@ def test_fused_fp32_equals_torch(shared, name):
     assert al.tolist() == bl.tolist()
     for i, n in enumerate(al.tolist()):
         torch.testing.assert_close(b[i, :n], a[i, :n], atol=ATOL, rtol=1e-5)
-    kw = dict(method="attention_rescoring", beam_size=4,
-              reverse_weight=0.3 if "u2pp" in name else 0.0)
+    kw = dict(
+        method="attention_rescoring", beam_size=4, reverse_weight=0.3 if "u2pp" in name else 0.0
+    )
     for x, y in zip(ref.decode(feats, lens, **kw), fast.decode(feats, lens, **kw)):
         assert [h for h, _ in x] == [h for h, _ in y]
         np.testing.assert_allclose([s for _, s in x], [s for _, s in y], atol=1e-4)

@@ -1,1 +1,2 @@
-"""GPU benchmarks behind ``speechrt bench``. Nothing here loads a model or touches CUDA at import."""
+"""GPU benchmarks behind ``speechrt bench``; nothing here loads a model or touches CUDA at
+import."""

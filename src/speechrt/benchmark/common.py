@@ -13,8 +13,13 @@ from pathlib import Path
 import torch
 
 
-def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, min_iters: int = 10,
-                 budget_s: float = 0.5, max_iters: int = 200) -> float:
+def cuda_time_ms(
+    fn: Callable[[], object],
+    warmup: int = 3,
+    min_iters: int = 10,
+    budget_s: float = 0.5,
+    max_iters: int = 200,
+) -> float:
     """Median milliseconds of ``fn`` from CUDA events, after ``warmup`` calls.
 
     Without CUDA (CPU smoke runs) it times with the host clock instead."""
@@ -62,8 +67,12 @@ def environment() -> dict:
 
     commit = "unknown"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or commit
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or commit
+        )
     except OSError:
         pass
     return {

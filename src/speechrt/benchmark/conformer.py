@@ -34,13 +34,16 @@ ENC_GATE = (3.5e-2, 2e-3)
 
 def _strict_fp32():
     """The FP32 reference without TF32 (cuDNN convolutions default to TF32)."""
-    return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False,
-                                      allow_tf32=False)
+    return torch.backends.cudnn.flags(
+        enabled=True, benchmark=False, deterministic=False, allow_tf32=False
+    )
 
 
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
 DEC_GATE = (0.4, 2e-4)
 
 
@@ -64,9 +67,15 @@ def aishell_config(num_blocks: int = 12, decoder_blocks: int = 6):
     """The WeNet AISHELL Conformer of the seed (random weights)."""
     from speechrt.models.conformer.config import DecoderConfig, EncoderConfig, ModelConfig
 
-    enc = EncoderConfig(output_size=256, attention_heads=4, linear_units=2048,
-                        num_blocks=num_blocks, input_layer="conv2d", cnn_module_kernel=15,
-                        cnn_module_norm="batch_norm")
+    enc = EncoderConfig(
+        output_size=256,
+        attention_heads=4,
+        linear_units=2048,
+        num_blocks=num_blocks,
+        input_layer="conv2d",
+        cnn_module_kernel=15,
+        cnn_module_norm="batch_norm",
+    )
     dec = DecoderConfig(attention_heads=4, linear_units=2048, num_blocks=decoder_blocks)
     return ModelConfig(input_dim=80, vocab_size=4233, encoder=enc, decoder=dec, sos=4232, eos=4232)
 
@@ -186,14 +195,17 @@ class ConformerBench:
             ref_v = ref[valid]
             mem16 = mem.half()
             providers = {
-                "eager_fp32": lambda: self.net.rescoring_log_probs(mem, mem_lens, hyps, hyp_lens,
-                                                                   False)[0],
-                "eager_fp16": lambda: self.net16.rescoring_log_probs(mem16, mem_lens, hyps,
-                                                                     hyp_lens, False)[0],
+                "eager_fp32": lambda: self.net.rescoring_log_probs(
+                    mem, mem_lens, hyps, hyp_lens, False
+                )[0],
+                "eager_fp16": lambda: self.net16.rescoring_log_probs(
+                    mem16, mem_lens, hyps, hyp_lens, False
+                )[0],
             }
             for dt, eng in self.engines.items():
                 providers[f"speechrt_{dt}"] = lambda e=eng: e.rescoring_log_probs(
-                    mem, mem_lens, l2r_in, r2l_in, in_lens, False)[0]
+                    mem, mem_lens, l2r_in, r2l_in, in_lens, False
+                )[0]
             for name, fn in providers.items():
                 out = fn()
                 a0, r0 = error_stats(out.float()[valid], ref_v)
@@ -204,8 +216,14 @@ class ConformerBench:
     @staticmethod
     def _row(part, provider, b, t, ms, a0, r0, gate) -> dict:
         return {
-            "part": part, "provider": provider, "B": b, "T": t, "latency_ms": ms,
-            "throughput_frames_per_s": b * t / (ms / 1000.0), "a0": a0, "r0": r0,
+            "part": part,
+            "provider": provider,
+            "B": b,
+            "T": t,
+            "latency_ms": ms,
+            "throughput_frames_per_s": b * t / (ms / 1000.0),
+            "a0": a0,
+            "r0": r0,
             "gate": "pass" if (a0 < gate[0] and r0 < gate[1]) else "FAIL",
         }
 
@@ -239,7 +257,9 @@ class ConformerBench:
         rows.sort(key=lambda r: -r["total_us"])
         for r in rows:
             r["share_%"] = 100.0 * r["total_us"] / total if total else 0.0
-        head = f"One fused encoder forward, {b}x{t} frames, {self.cfg.dtypes[0]}, eager (no graph): "
+        head = (
+            f"One fused encoder forward, {b}x{t} frames, {self.cfg.dtypes[0]}, eager (no graph): "
+        )
         head += f"{total / 1000:.3f} ms of GPU time in {sum(r['calls'] for r in rows)} kernels.\n\n"
         return head + markdown_table(rows[:25], ["kernel", "calls", "total_us", "share_%"])
 
@@ -250,8 +270,11 @@ class ConformerBench:
         from speechrt.models.conformer.recognizer import WenetModel
         from speechrt.models.conformer.tokenizer import SymbolTable
 
-        files = sorted(f for f in Path(self.cfg.e2e_dir).iterdir()
-                       if f.suffix in (".flac", ".wav", ".mp3", ".ogg"))
+        files = sorted(
+            f
+            for f in Path(self.cfg.e2e_dir).iterdir()
+            if f.suffix in (".flac", ".wav", ".mp3", ".ogg")
+        )
         if not files:
             raise FileNotFoundError(f"no audio files in {self.cfg.e2e_dir}")
         wavs = [load_audio(f) for f in files]
@@ -265,8 +288,11 @@ class ConformerBench:
 
             def run_all(model=model, order=order):
                 for s in range(0, len(order), 16):
-                    model.transcribe_waveforms([wavs[i] for i in order[s : s + 16]],
-                                               method="attention_rescoring", beam_size=10)
+                    model.transcribe_waveforms(
+                        [wavs[i] for i in order[s : s + 16]],
+                        method="attention_rescoring",
+                        beam_size=10,
+                    )
 
             run_all()  # warm-up: captures the buckets
             _sync()
@@ -274,8 +300,17 @@ class ConformerBench:
             run_all()
             _sync()
             sec = time.perf_counter() - t0
-            rows.append({"part": "e2e", "provider": name, "files": len(files), "audio_s": audio_s,
-                         "seconds": sec, "RTF": sec / audio_s, "RTFx": audio_s / sec})
+            rows.append(
+                {
+                    "part": "e2e",
+                    "provider": name,
+                    "files": len(files),
+                    "audio_s": audio_s,
+                    "seconds": sec,
+                    "RTF": sec / audio_s,
+                    "RTFx": audio_s / sec,
+                }
+            )
         return rows
 
     # ------------------------------------------------------------------ run all
@@ -297,22 +332,43 @@ class ConformerBench:
     def report(self, e2e: list[dict], prof: str) -> dict:
         cfg = self.cfg
         env = environment()
-        base = {(r["part"], r["B"], r["T"]): r["latency_ms"] for r in self.rows
-                if r["provider"] == "eager_fp32"}
-        comp = {(r["B"], r["T"]): r["latency_ms"] for r in self.rows if r["provider"] == "compile_fp16"}
+        base = {
+            (r["part"], r["B"], r["T"]): r["latency_ms"]
+            for r in self.rows
+            if r["provider"] == "eager_fp32"
+        }
+        comp = {
+            (r["B"], r["T"]): r["latency_ms"] for r in self.rows if r["provider"] == "compile_fp16"
+        }
         for r in self.rows:
             r["speedup_vs_eager_fp32"] = base[(r["part"], r["B"], r["T"])] / r["latency_ms"]
             if r["part"] == "encoder" and (r["B"], r["T"]) in comp:
                 r["speedup_vs_compile"] = comp[(r["B"], r["T"])] / r["latency_ms"]
         write_csv(cfg.out / "conformer.csv", self.rows + e2e)
-        cols = ["part", "provider", "B", "T", "latency_ms", "throughput_frames_per_s", "a0", "r0",
-                "gate", "speedup_vs_eager_fp32", "speedup_vs_compile", "compile_s"]
-        md = [f"# speechrt Conformer benchmark\n\n`{json.dumps(env)}`\n",
-              f"Engine build (weights prepared) per dtype, s: {json.dumps(self.warmup_s)}\n",
-              markdown_table(self.rows, cols)]
+        cols = [
+            "part",
+            "provider",
+            "B",
+            "T",
+            "latency_ms",
+            "throughput_frames_per_s",
+            "a0",
+            "r0",
+            "gate",
+            "speedup_vs_eager_fp32",
+            "speedup_vs_compile",
+            "compile_s",
+        ]
+        md = [
+            f"# speechrt Conformer benchmark\n\n`{json.dumps(env)}`\n",
+            f"Engine build (weights prepared) per dtype, s: {json.dumps(self.warmup_s)}\n",
+            markdown_table(self.rows, cols),
+        ]
         if e2e:
-            md.append("\n## End to end\n\n" + markdown_table(
-                e2e, ["provider", "files", "audio_s", "seconds", "RTF", "RTFx"]))
+            md.append(
+                "\n## End to end\n\n"
+                + markdown_table(e2e, ["provider", "files", "audio_s", "seconds", "RTF", "RTFx"])
+            )
         md.append("\n## Profile\n\n" + prof)
         (cfg.out / "conformer.md").write_text("\n".join(md) + "\n")
         self._plot()
@@ -333,8 +389,17 @@ class ConformerBench:
             provs = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != "eager_fp32"]
             width = 0.8 / max(len(provs), 1)
             for i, p in enumerate(provs):
-                vals = [next((r["speedup_vs_eager_fp32"] for r in rows
-                              if r["provider"] == p and (r["B"], r["T"]) == s), 0) for s in shapes]
+                vals = [
+                    next(
+                        (
+                            r["speedup_vs_eager_fp32"]
+                            for r in rows
+                            if r["provider"] == p and (r["B"], r["T"]) == s
+                        ),
+                        0,
+                    )
+                    for s in shapes
+                ]
                 ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=p)
             ax.set_xticks([j + 0.4 for j in range(len(shapes))])
             ax.set_xticklabels([f"{b}x{t}" for b, t in shapes], rotation=60, fontsize=7)

@@ -21,11 +21,19 @@ def add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-size", type=int, default=10)
     p.add_argument("--ctc-weight", type=float, default=0.5)
     p.add_argument("--reverse-weight", type=float, default=0.0)
-    p.add_argument("--chunk-size", dest="decoding_chunk_size", type=int, default=-1,
-                   help="decoding_chunk_size: -1 full attention, >0 chunk (streaming models)")
+    p.add_argument(
+        "--chunk-size",
+        dest="decoding_chunk_size",
+        type=int,
+        default=-1,
+        help="decoding_chunk_size: -1 full attention, >0 chunk (streaming models)",
+    )
     p.add_argument("--left-chunks", dest="num_decoding_left_chunks", type=int, default=-1)
-    p.add_argument("--simulate-streaming", action="store_true",
-                   help="run the encoder chunk by chunk with caches (needs --chunk-size > 0)")
+    p.add_argument(
+        "--simulate-streaming",
+        action="store_true",
+        help="run the encoder chunk by chunk with caches (needs --chunk-size > 0)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
 
 

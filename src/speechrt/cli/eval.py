@@ -26,8 +26,12 @@ def add_parser(sub) -> None:
     add_decode_options(p)
     p.add_argument("--data", required=True, help="wav.scp: '<key> <audio path>' per line")
     p.add_argument("--text", required=True, help="references: '<key> <transcript>' per line")
-    p.add_argument("--unit", default="auto", choices=("auto", "char", "word"),
-                   help="auto: Chinese/Japanese/Korean by character, other text by word")
+    p.add_argument(
+        "--unit",
+        default="auto",
+        choices=("auto", "char", "word"),
+        help="auto: Chinese/Japanese/Korean by character, other text by word",
+    )
     p.add_argument("--report", default=None, help="write the JSON report here (default: stdout)")
     p.set_defaults(run=run)
 
@@ -52,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     refs = read_text(args.text)
     missing = [k for k, _ in items if k not in refs]
     if missing:
-        raise SpeechrtError(f"{len(missing)} key(s) of {args.data} have no reference, e.g. {missing[0]}")
+        raise SpeechrtError(
+            f"{len(missing)} key(s) of {args.data} have no reference, e.g. {missing[0]}"
+        )
     model = speechrt.load_model(args.model, device=args.device, dtype=args.dtype)
     kwargs = decode_kwargs(args)
     model._options(**kwargs)

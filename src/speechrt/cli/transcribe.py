@@ -45,8 +45,14 @@ def recognize(model, loaded, kwargs: dict, batch_size: int, progress: bool):
 
 
 def _record(key: str, path: str, tr) -> dict:
-    return {"key": key, "path": path, "text": tr.text, "tokens": list(tr.tokens),
-            "score": tr.score, "timings": tr.timings}
+    return {
+        "key": key,
+        "path": path,
+        "text": tr.text,
+        "tokens": list(tr.tokens),
+        "score": tr.score,
+        "timings": tr.timings,
+    }
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,7 +32,10 @@ def decoder_inputs(
 
 
 def sequence_log_prob(
-    log_probs: torch.Tensor, hyps: torch.Tensor, hyp_lengths: torch.Tensor, eos: int,
+    log_probs: torch.Tensor,
+    hyps: torch.Tensor,
+    hyp_lengths: torch.Tensor,
+    eos: int,
     reverse: bool = False,
 ) -> torch.Tensor:
     """Sum of the decoder log-probs of each hypothesis's tokens and its final <eos>.

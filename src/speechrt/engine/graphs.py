@@ -45,9 +45,11 @@ class GraphRunner:
         self.stats = GraphStats()
 
     def _use_graphs(self, inputs) -> bool:
-        return self.enabled and all(
-            not isinstance(t, torch.Tensor) or t.is_cuda for t in inputs
-        ) and any(isinstance(t, torch.Tensor) for t in inputs)
+        return (
+            self.enabled
+            and all(not isinstance(t, torch.Tensor) or t.is_cuda for t in inputs)
+            and any(isinstance(t, torch.Tensor) for t in inputs)
+        )
 
     def capture(self, key, *inputs: torch.Tensor) -> _Captured:
         """Capture ``fn`` for this bucket (warm-up included); returns the captured entry."""

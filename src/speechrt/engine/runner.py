@@ -51,7 +51,11 @@ class ConformerEngine:
 
     @torch.inference_mode()
     def encode(
-        self, feats: torch.Tensor, lengths: torch.Tensor, chunk_size: int = 0, num_left_chunks: int = -1
+        self,
+        feats: torch.Tensor,
+        lengths: torch.Tensor,
+        chunk_size: int = 0,
+        num_left_chunks: int = -1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw fbank (B, T, F), lengths (B,) -> (B, T', D) float32 and (B,) output lengths."""
         b, t, _ = feats.shape

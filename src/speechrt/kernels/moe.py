@@ -9,8 +9,11 @@ Three steps, none of which synchronises with the host (CUDA-graph safe):
    (softmax over the k selected logits) is top-k with renormalisation -- the same numbers, since
    ``exp(z_i) / sum_sel exp(z_j) = p_i / sum_sel p_j``. Experts are picked from the logits, so
    ties go to the lowest expert index (``torch.max``'s rule).
-2. :func:`moe_sort` -- the (token, slot) assignments sorted by expert with torch ops (stable sort
-   + searchsorted): ``order`` (N*K,) assignment ids grouped by expert, ``offsets`` (E+1,).
+2. :func:`moe_sort` -- a stable counting sort of the (row, slot) assignments by expert: per block
+   of rows a histogram, then each block's rows placed at (rows of lower experts) + (rows of its
+   expert in earlier blocks) + (rank in the block, a cumulative sum of one-hot rows). Gives
+   ``order`` (N*K,) assignment ids grouped by expert and ``offsets`` (E+1,) in two launches (one
+   when a single block holds every row) instead of torch's sort + searchsorted (about seven).
 3. :func:`moe_experts` -- two grouped GEMM launches covering every expert at once. The grid has
    one program per (row tile, column tile) with ``cdiv(N*K, BLOCK_M) + E - 1`` row tiles, an
    upper bound of ``sum_e cdiv(count_e, BLOCK_M)``; each program finds its expert from
@@ -24,8 +27,8 @@ Weights are read in the layout they are stored in: W1 (E, H, D), b1 (E, H), W2 (
 b2 (E, D), i.e. per expert exactly an ``nn.Linear`` (``FMoELinear`` in 3M-ASR). Float32 inputs
 use IEEE float32 dots (no TF32); float16/bfloat16 use tensor cores with float32 accumulation.
 
-``moe_route_ref`` and ``moe_experts_ref`` are the plain-torch references (a loop over experts with
-masks) that tests and benchmarks import.
+``moe_route_ref``, ``moe_sort_ref`` and ``moe_experts_ref`` are the plain-torch references (a loop
+over experts with masks) that tests and benchmarks import.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ __all__ = [
     "moe_route",
     "moe_route_ref",
     "moe_sort",
+    "moe_sort_ref",
 ]
 
 # Activations the expert kernel fuses (code passed as a constexpr).
@@ -152,6 +156,47 @@ def _route_kernel(
     smask = row_ok[:, None] & (slots < TOP_K)[None, :]
     tl.store(IDX + out, sel_idx, mask=smask)
     tl.store(VAL + out, sel_val, mask=smask)
+
+
+@triton.jit
+def _sort_count_kernel(IDX, COUNTS, n, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """COUNTS[b, e]: rows of block b (BLOCK ids) that chose expert e."""
+    b = tl.program_id(0)
+    es = tl.arange(0, BLOCK_E)
+    i = b * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(IDX + i, mask=i < n, other=-1).to(tl.int32)
+    counts = tl.sum((ids[:, None] == es[None, :]).to(tl.int32), axis=0)
+    tl.store(COUNTS + b * BLOCK_E + es, counts)
+
+
+@triton.jit
+def _sort_place_kernel(
+    IDX, COUNTS, ORDER, OFFS, n, E, n_blocks,
+    ONE_BLOCK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_NB: tl.constexpr,
+):
+    """ORDER[pos] = i for every id of block b; block 0 also writes OFFS (E+1,).
+
+    ONE_BLOCK: a single block holds all n ids, its counts are computed here (no COUNTS)."""
+    b = tl.program_id(0)
+    es = tl.arange(0, BLOCK_E)
+    i = b * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(IDX + i, mask=i < n, other=-1).to(tl.int32)
+    hit = (ids[:, None] == es[None, :]).to(tl.int32)  # (BLOCK, BLOCK_E) one-hot
+    if ONE_BLOCK:
+        total = tl.sum(hit, axis=0)
+        before = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    else:
+        bs = tl.arange(0, BLOCK_NB)
+        counts = tl.load(COUNTS + bs[:, None] * BLOCK_E + es[None, :],
+                         mask=(bs < n_blocks)[:, None], other=0)  # (BLOCK_NB, BLOCK_E)
+        total = tl.sum(counts, axis=0)
+        before = tl.sum(tl.where((bs < b)[:, None], counts, 0), axis=0)
+    first = tl.cumsum(total, axis=0) - total  # exclusive; first[E] = n (no id is >= E)
+    if b == 0:
+        tl.store(OFFS + es, first, mask=es <= E)
+    rank = tl.cumsum(hit, axis=0)  # 1-based rank among the block's rows of that expert
+    pos = tl.sum(tl.where(hit == 1, (first + before)[None, :] + rank - 1, 0), axis=1)
+    tl.store(ORDER + pos, i, mask=i < n)
 
 
 @triton.jit
@@ -349,11 +394,41 @@ def _check_router(weight: torch.Tensor, bias: torch.Tensor | None, k: int, top_k
 
 
 def moe_sort(gate_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group the N*K (row, slot) assignments by expert, on the device, without a host sync.
+    """Group the N*K (row, slot) assignments by expert, in one launch, without a host sync.
 
-    gate_idx (N, K) -> (order (N*K,) int32 flat assignment ids, expert by expert, each expert's
-    in increasing id order; offsets (E+1,) int32, expert e owns ``order[offsets[e]:offsets[e+1]]``).
+    gate_idx (N, K) int32/int64 in [0, E) -> (order (N*K,) int32 flat assignment ids, expert by
+    expert, each expert's in increasing id order; offsets (E+1,) int32, expert e owns
+    ``order[offsets[e]:offsets[e+1]]``).
     """
+    flat = gate_idx.reshape(-1)  # (N*K,)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    check_launch(_sort_place_kernel, flat)
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"the sort supports 1..{MAX_EXPERTS} experts, got {num_experts}")
+    n = flat.numel()
+    block_e = next_power_of_2(num_experts + 1)
+    block = max(16, min(256, next_power_of_2(n)))
+    while cdiv(n, block) * block_e > 32768 and block * block_e < 65536:
+        block *= 2  # keep both the counts matrix and a one-hot block in registers
+    n_blocks = max(1, cdiv(n, block))
+    if n_blocks * block_e > 32768:  # > ~500k assignments: not worth a third kernel
+        return moe_sort_ref(gate_idx, num_experts)
+    order = torch.empty(n, dtype=torch.int32, device=flat.device)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=flat.device)
+    counts = order
+    if n_blocks > 1:
+        counts = torch.empty(n_blocks, block_e, dtype=torch.int32, device=flat.device)
+        _sort_count_kernel[(n_blocks,)](flat, counts, n, BLOCK=block, BLOCK_E=block_e)
+    _sort_place_kernel[(n_blocks,)](
+        flat, counts, order, offsets, n, num_experts, n_blocks, ONE_BLOCK=n_blocks == 1,
+        BLOCK=block, BLOCK_E=block_e, BLOCK_NB=next_power_of_2(n_blocks),
+    )
+    return order, offsets
+
+
+def moe_sort_ref(gate_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch :func:`moe_sort` (stable sort + searchsorted); same outputs."""
     flat = gate_idx.reshape(-1).to(torch.int32)  # (N*K,)
     sorted_ids, order = torch.sort(flat, stable=True)
     bounds = torch.arange(num_experts + 1, device=flat.device, dtype=torch.int32)
@@ -376,10 +451,11 @@ def _gemm_config(n_assign: int, num_experts: int, dtype: torch.dtype) -> _GemmCo
     block_m = 16 if mean <= 16 else (32 if mean <= 48 else 64)
     if interpreting():  # few, large programs: the interpreter's cost is per program and op
         return _GemmConfig(32, 64, 64, 4, 1)
+    # Measured on an H200 (bench/moe_micro.py; D=512, H=1024, E=32).
     if dtype == torch.float32:
-        return _GemmConfig(block_m, 64, 32, 4, 2)
+        return _GemmConfig(128, 128, 32, 8, 2) if mean > 256 else _GemmConfig(block_m, 64, 32, 4, 2)
     if mean > 256:
-        return _GemmConfig(128, 128, 64, 8, 3)
+        return _GemmConfig(128, 256, 64, 8, 3)
     return _GemmConfig(block_m, 128, 64, 4, 3)
 
 

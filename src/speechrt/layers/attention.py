@@ -1,9 +1,10 @@
 """Multi-head attention, plain and WeNet relative-position, with an optional key/value cache.
 
 WeNet's ``RelPositionMultiHeadedAttention`` (no ``rel_shift``) scores query i against key j as
-``((q_i + u) . k_j + (q_i + v) . p_j) / sqrt(d_k)`` where ``p = linear_pos(pe)`` holds one vector per
-key position. Expanding it, ``q_i . (k_j + p_j) + (u . k_j + v . p_j)``: ordinary attention over keys
-``k + p`` with one additive bias per key. Both the torch path here and the Triton kernel use that form.
+``((q_i + u) . k_j + (q_i + v) . p_j) / sqrt(d_k)`` where ``p = linear_pos(pe)`` holds one vector
+per key position. Expanding it, ``q_i . (k_j + p_j) + (u . k_j + v . p_j)``: ordinary attention
+over keys ``k + p`` with one additive bias per key. The torch path here and the Triton kernel
+both use that form.
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
 Each reduces (B, T, F) features to (B, T', D). Output frame i of a conv stack depends only on input
 frames ``[i*rate, i*rate + right_context]``; WeNet marks it valid iff all of those are valid, which
 gives ``T'`` by the formulas in :meth:`Subsampling.output_lengths`.
+
+3M-ASR slices its mask as ``x_mask[:, :, :-2:2][:, :, :-2:2]`` instead (``mask="first_frame"``): an
+output frame is valid iff the *first* input frame of its window is, so a padded utterance gets a few
+more valid frames than WeNet gives it (up to 2 for conv2d; they see padding); an unpadded one the
+same.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ _STACKS = {
 class Subsampling(nn.Module):
     """``input_layer`` in WeNet: conv2d (4x), conv2d6 (6x), conv2d8 (8x) or linear (1x)."""
 
-    def __init__(self, kind: str, idim: int, odim: int):
+    def __init__(self, kind: str, idim: int, odim: int, mask: str = "full_window"):
         super().__init__()
         self.kind = kind
+        self.mask = mask  # "full_window" (WeNet) | "first_frame" (3M-ASR)
         if kind == "linear":
             self.proj = nn.Linear(idim, odim)
             self.norm = nn.LayerNorm(odim, eps=1e-5)
@@ -56,14 +62,27 @@ class Subsampling(nn.Module):
         self.rate, self.right_context = rate, ctx
         self.proj = nn.Linear(odim * freq, odim)
 
-    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Valid output frames for (B,) input lengths (WeNet's mask slicing, in closed form)."""
+    def output_lengths(
+        self, lengths: torch.Tensor, padded_frames: int | None = None
+    ) -> torch.Tensor:
+        """Valid output frames for (B,) input lengths (WeNet's mask slicing, in closed form).
+
+        With ``mask="first_frame"`` and the batch's padded length ``padded_frames`` given, 3M-ASR's
+        slicing: per conv, ``min(frames out of T, ceil(L / stride))``. Without ``padded_frames``
+        every convention gives WeNet's lengths (= each utterance decoded alone).
+        """
         if self.kind == "linear":
             return lengths
         out = lengths
+        first = self.mask == "first_frame" and padded_frames is not None
+        t = padded_frames
         for conv in self.convs:
             k, s = conv.kernel_size[0], conv.stride[0]
-            out = torch.div(out - k, s, rounding_mode="floor") + 1
+            if first:
+                t = (t - k) // s + 1
+                out = torch.clamp(torch.div(out + s - 1, s, rounding_mode="floor"), max=max(t, 0))
+            else:
+                out = torch.div(out - k, s, rounding_mode="floor") + 1
         return out.clamp(min=0)
 
     def output_frames(self, t: int) -> int:

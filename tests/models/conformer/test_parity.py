@@ -59,18 +59,22 @@ def test_zero_pad_mode_is_batch_invariant(case):
     atol, rtol = _tol(meta, "encoder_out")
     # The longest utterance has no padding: both modes equal WeNet there.
     n0 = int(batch_lens[0])
-    np.testing.assert_allclose(batch[0, :n0].numpy(), ref["encoder_out"][0, :n0], atol=atol, rtol=rtol)
+    np.testing.assert_allclose(
+        batch[0, :n0].numpy(), ref["encoder_out"][0, :n0], atol=atol, rtol=rtol
+    )
     for b in range(feats.shape[0]):
         n = int(lens[b])
         alone, alone_lens = model.encode(feats[b : b + 1, :n], lens[b : b + 1])
         assert int(alone_lens[0]) == int(batch_lens[b])
-        torch.testing.assert_close(alone[0, : alone_lens[0]], batch[b, : batch_lens[b]],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            alone[0, : alone_lens[0]], batch[b, : batch_lens[b]], atol=1e-5, rtol=1e-5
+        )
         # Extra padding with garbage changes nothing either.
         padded = torch.cat([feats[b : b + 1, :n], 50 * torch.randn(1, 37, feats.shape[2])], dim=1)
         more, _ = model.encode(padded, lens[b : b + 1])
-        torch.testing.assert_close(more[0, : alone_lens[0]], alone[0, : alone_lens[0]],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            more[0, : alone_lens[0]], alone[0, : alone_lens[0]], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_decoder_log_probs_and_rescoring(case):
@@ -89,19 +93,33 @@ def test_decoder_log_probs_and_rescoring(case):
             n = int(in_lens[b, i])
             if n < 0:
                 continue
-            np.testing.assert_allclose(l2r[b, i, :n].numpy(), ref["att_l2r_log_probs"][b, i, :n],
-                                       atol=atol, rtol=rtol)
+            np.testing.assert_allclose(
+                l2r[b, i, :n].numpy(), ref["att_l2r_log_probs"][b, i, :n], atol=atol, rtol=rtol
+            )
             if "att_r2l_log_probs" in ref:
-                np.testing.assert_allclose(r2l[b, i, :n].numpy(),
-                                           ref["att_r2l_log_probs"][b, i, :n], atol=atol, rtol=rtol)
-    res = rescoring_scores(l2r, r2l, hyps, hyp_lens, torch.from_numpy(ref["prefix_nbest_scores"]),
-                           model.cfg.eos, 0.5, rw)
+                np.testing.assert_allclose(
+                    r2l[b, i, :n].numpy(), ref["att_r2l_log_probs"][b, i, :n], atol=atol, rtol=rtol
+                )
+    res = rescoring_scores(
+        l2r,
+        r2l,
+        hyps,
+        hyp_lens,
+        torch.from_numpy(ref["prefix_nbest_scores"]),
+        model.cfg.eos,
+        0.5,
+        rw,
+    )
     assert res.best_index.tolist() == ref["rescoring_best_index"].tolist()
     atol, rtol = _tol(meta, "rescoring_score")
     np.testing.assert_allclose(res.best_score.numpy(), ref["rescoring_score"], atol=atol, rtol=rtol)
     valid = np.isfinite(ref["rescoring_hyp_scores"])
-    np.testing.assert_allclose(res.scores.numpy()[valid], ref["rescoring_hyp_scores"][valid],
-                               atol=_tol(meta, "rescoring_hyp_scores")[0], rtol=1e-5)
+    np.testing.assert_allclose(
+        res.scores.numpy()[valid],
+        ref["rescoring_hyp_scores"][valid],
+        atol=_tol(meta, "rescoring_hyp_scores")[0],
+        rtol=1e-5,
+    )
     assert np.all(np.isneginf(res.scores.numpy()[~valid]))
 
 
@@ -146,12 +164,16 @@ def test_chunk_mask_and_streaming(shared):
         start, end, offset, _ = windows[0]
         empty = feats.new_zeros(0, 0, 0, 0)
         _, att, cnn = enc.forward_chunk(feats[0:1, start:end], offset, -8, empty, empty)
-    np.testing.assert_allclose(att.numpy(), ref["stream_chunk8_left-1_att_cache_after_chunk0"],
-                               atol=5e-5, rtol=1e-5)
-    np.testing.assert_allclose(cnn.numpy(), ref["stream_chunk8_left-1_cnn_cache_after_chunk0"],
-                               atol=5e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        att.numpy(), ref["stream_chunk8_left-1_att_cache_after_chunk0"], atol=5e-5, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        cnn.numpy(), ref["stream_chunk8_left-1_cnn_cache_after_chunk0"], atol=5e-5, rtol=1e-5
+    )
     # simulate_streaming through the public API gives the same encoder output.
-    s_out, s_lens = model.encode(feats[0:1, :n0], lens[0:1], decoding_chunk_size=8,
-                                 simulate_streaming=True)
-    np.testing.assert_allclose(s_out[0, : s_lens[0]].numpy(), ref["stream_chunk8_left-1_utt0"][0],
-                               atol=5e-5, rtol=1e-5)
+    s_out, s_lens = model.encode(
+        feats[0:1, :n0], lens[0:1], decoding_chunk_size=8, simulate_streaming=True
+    )
+    np.testing.assert_allclose(
+        s_out[0, : s_lens[0]].numpy(), ref["stream_chunk8_left-1_utt0"][0], atol=5e-5, rtol=1e-5
+    )

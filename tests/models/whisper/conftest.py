@@ -111,7 +111,9 @@ def save_hf(model, directory: Path, safetensors: bool = True) -> Path:
         "scale_embedding": False,
     }  # fmt: skip
     (directory / "config.json").write_text(json.dumps(config))
-    (directory / "generation_config.json").write_text(json.dumps({"alignment_heads": ALIGNMENT_HEADS}))
+    (directory / "generation_config.json").write_text(
+        json.dumps({"alignment_heads": ALIGNMENT_HEADS})
+    )
     if safetensors:
         from safetensors.torch import save_file
 

@@ -46,7 +46,9 @@ def test_alignment_heads(tmp_path, reference, pt_path, hf_path):
     default = load_whisper(pt_path, device="cpu").net.alignment_heads
     assert torch.equal(default, reference.alignment_heads.to_dense())
     assert torch.equal(read_checkpoint(hf_path).alignment_heads, _heads(ALIGNMENT_HEADS))
-    assert torch.equal(load_whisper(hf_path, device="cpu").net.alignment_heads, _heads(ALIGNMENT_HEADS))
+    assert torch.equal(
+        load_whisper(hf_path, device="cpu").net.alignment_heads, _heads(ALIGNMENT_HEADS)
+    )
     mask = _heads([[0, 0], [1, 1]])
     dump = base64.b85encode(gzip.compress(mask.numpy().tobytes()))
     for value in (mask, mask.to_sparse(), [[0, 0], [1, 1]], dump):
@@ -71,10 +73,14 @@ def test_key_errors_name_the_key(tmp_path, reference):
     with pytest.raises(ModelFormatError, match="missing .*'decoder.blocks.1.mlp.2.bias'"):
         read_checkpoint(_save_state(tmp_path, missing))
     bad = {**state, "encoder.blocks.0.attn.query.weight": torch.zeros(64, 32)}
-    with pytest.raises(ModelFormatError, match=r"'encoder.blocks.0.attn.query.weight' has shape \(64, 32\)"):
+    with pytest.raises(
+        ModelFormatError, match=r"'encoder.blocks.0.attn.query.weight' has shape \(64, 32\)"
+    ):
         read_checkpoint(_save_state(tmp_path, bad))
     with pytest.raises(ModelFormatError, match="n_text_layer"):
-        read_checkpoint(_save_state(tmp_path, state, {k: v for k, v in DIMS.items() if k != "n_text_layer"}))
+        read_checkpoint(
+            _save_state(tmp_path, state, {k: v for k, v in DIMS.items() if k != "n_text_layer"})
+        )
     with pytest.raises(ModelFormatError, match="'encoder.blocks.2"):
         read_checkpoint(_save_state(tmp_path, state, {**DIMS, "n_audio_layer": 3}))
 

@@ -17,7 +17,9 @@ TOKENS = [50258, 50261, 50359, 50364, 400, 11, 1770, 50414, 50414, 502, 13]
 def mel(jfk) -> torch.Tensor:
     """(2, 80, 3000): jfk and a random window."""
     first = log_mel_spectrogram(jfk, 80, padding=480000)[:, :N_FRAMES]
-    return torch.stack([first, torch.randn(80, N_FRAMES, generator=torch.Generator().manual_seed(1))])
+    return torch.stack(
+        [first, torch.randn(80, N_FRAMES, generator=torch.Generator().manual_seed(1))]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,12 @@ def test_same_as_openai_whisper(multilingual, num_languages, language, task):
         assert ours.encode(text) == ids
         assert ours.decode(ids) == ref.decode(ids) == text
         assert ours.split_to_word_tokens(ids) == ref.split_to_word_tokens(ids)
-    stamped = [ours.sot, ours.timestamp_begin + 54, *ours.encode(" hi"), ours.timestamp_begin + 1500]
+    stamped = [
+        ours.sot,
+        ours.timestamp_begin + 54,
+        *ours.encode(" hi"),
+        ours.timestamp_begin + 1500,
+    ]
     assert ours.decode_with_timestamps(stamped) == ref.decode_with_timestamps(stamped)
     assert ours.decode_with_timestamps(stamped).endswith(" hi<|30.00|>")
     assert ours.decode(stamped) == "<|startoftranscript|> hi"

@@ -86,6 +86,12 @@ class EncoderConfig:
     cnn_module_kernel: int = 15
     causal: bool = False
     cnn_module_norm: str = "batch_norm"
+    # eps of the block and final LayerNorms (WeNet's norm_eps; 3M-ASR uses 1e-12). The conv
+    # module's norm keeps PyTorch's 1e-5.
+    norm_eps: float = 1e-5
+    # Which subsampled frames of a padded batch count as valid (see layers.subsampling):
+    # "full_window" (WeNet) or "first_frame" (3M-ASR).
+    subsampling_mask: str = "full_window"
 
     def __post_init__(self):
         if self.kind not in ("conformer", "transformer"):
@@ -108,6 +114,10 @@ class EncoderConfig:
             )
         if self.cnn_module_norm not in ("batch_norm", "layer_norm"):
             raise UnsupportedOptionError(f"cnn_module_norm '{self.cnn_module_norm}' unsupported")
+        if self.subsampling_mask not in ("full_window", "first_frame"):
+            raise UnsupportedOptionError(
+                f"subsampling_mask '{self.subsampling_mask}' unsupported (full_window, first_frame)"
+            )
         if self.conv and not self.causal and self.cnn_module_kernel % 2 == 0:
             raise ModelFormatError(
                 f"a non-causal conv module needs an odd cnn_module_kernel, got "
@@ -214,7 +224,9 @@ def parse_train_yaml(raw: dict) -> ModelConfig:
     decoder = None
     if raw.get("decoder"):
         decoder = _build(
-            DecoderConfig, "decoder_conf", dict(raw.get("decoder_conf") or {}),
+            DecoderConfig,
+            "decoder_conf",
+            dict(raw.get("decoder_conf") or {}),
             {"kind": raw["decoder"]},
         )
     sos, eos, blank = _special_tokens(raw, vocab)

@@ -71,11 +71,21 @@ def _decoder_map(prefix: str, dst: str, num_blocks: int) -> dict[str, str]:
     for i in range(num_blocks):
         s, d = f"{prefix}decoders.{i}.", f"{dst}layers.{i}."
         for att_src, att_dst in (("self_attn", "self_attn"), ("src_attn", "cross_attn")):
-            for a, b in (("linear_q", "q"), ("linear_k", "k"), ("linear_v", "v"), ("linear_out", "out")):
+            for a, b in (
+                ("linear_q", "q"),
+                ("linear_k", "k"),
+                ("linear_v", "v"),
+                ("linear_out", "out"),
+            ):
                 for n in _LINEAR:
                     m[f"{s}{att_src}.{a}.{n}"] = f"{d}{att_dst}.{b}.{n}"
-        for a, b in (("feed_forward.w_1", "ff.w1"), ("feed_forward.w_2", "ff.w2"),
-                     ("norm1", "norm1"), ("norm2", "norm2"), ("norm3", "norm3")):
+        for a, b in (
+            ("feed_forward.w_1", "ff.w1"),
+            ("feed_forward.w_2", "ff.w2"),
+            ("norm1", "norm1"),
+            ("norm2", "norm2"),
+            ("norm3", "norm3"),
+        ):
             for n in _LINEAR:
                 m[f"{s}{a}.{n}"] = f"{d}{b}.{n}"
     return m
@@ -90,12 +100,14 @@ def wenet_key_map(cfg: ModelConfig) -> dict[str, str]:
         "ctc.ctc_lo.bias": "ctc.bias",
     }
     if cfg.encoder.input_layer == "linear":
-        m.update({
-            "encoder.embed.out.0.weight": "encoder.subsampling.proj.weight",
-            "encoder.embed.out.0.bias": "encoder.subsampling.proj.bias",
-            "encoder.embed.out.1.weight": "encoder.subsampling.norm.weight",
-            "encoder.embed.out.1.bias": "encoder.subsampling.norm.bias",
-        })
+        m.update(
+            {
+                "encoder.embed.out.0.weight": "encoder.subsampling.proj.weight",
+                "encoder.embed.out.0.bias": "encoder.subsampling.proj.bias",
+                "encoder.embed.out.1.weight": "encoder.subsampling.norm.weight",
+                "encoder.embed.out.1.bias": "encoder.subsampling.norm.bias",
+            }
+        )
     else:
         n_convs = 3 if cfg.encoder.input_layer == "conv2d8" else 2
         for j in range(n_convs):

@@ -38,7 +38,9 @@ class DecoderLayer(nn.Module):
     def _post(self, norm, x):
         return x if self.normalize_before else norm(x)
 
-    def cross(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mem_spec) -> torch.Tensor:
+    def cross(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mem_spec
+    ) -> torch.Tensor:
         """x (B, W, L, D) attends to per-utterance kv ((B, H, T, Dk) each) -> (B, W, L, D)."""
         b, w, l, d = x.shape
         att = self.cross_attn
@@ -117,7 +119,7 @@ class TransformerDecoder(nn.Module):
         memory_lengths: torch.Tensor,
         caches: list[torch.Tensor | None],
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One incremental step: tokens (B, W) at position ``step`` -> (log-probs (B, W, V), caches).
+        """One incremental step: tokens (B, W) at ``step`` -> (log-probs (B, W, V), caches).
 
         caches[i] (B*W, H, step, 2*Dk) self-attention keys/values of the earlier positions.
         """

@@ -3,12 +3,17 @@
 Conventions (WeNet's, matched exactly): CMVN inside the encoder and applied to padding too; the
 input layer scales by sqrt(d) for rel_pos/abs_pos; each block is pre-norm (``normalize_before``),
 macaron FFNs are scaled by 0.5, a Conformer block ends with ``norm_final``; the encoder ends with
-``after_norm``. All LayerNorms use eps 1e-5.
+``after_norm``. Block and final LayerNorms use ``cfg.norm_eps`` (1e-5 in WeNet).
+
+Variants swap the second (post-conv) feed-forward: ``Encoder(cfg, input_dim, ff_factory=f)`` builds
+it with ``f(cfg)``; ``forward(..., ff_context=c)`` then calls it as ``ff(x, c)`` (e.g. the
+Conformer-MoE's router side input), without ``ff_context`` as ``ff(x)``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,26 +32,27 @@ LN_EPS = 1e-5
 class EncoderBlock(nn.Module):
     """One Conformer block (or a Transformer block when macaron and conv are off)."""
 
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, ff: nn.Module | None = None):
         super().__init__()
         d = cfg.output_size
+        eps = cfg.norm_eps
         self.normalize_before = cfg.normalize_before
         self.ff_scale = 0.5 if cfg.macaron else 1.0
         self.ff_macaron = None
         if cfg.macaron:
             self.ff_macaron = FeedForward(d, cfg.linear_units, cfg.activation_type)
-            self.norm_ff_macaron = nn.LayerNorm(d, eps=LN_EPS)
+            self.norm_ff_macaron = nn.LayerNorm(d, eps=eps)
         self.attn = MultiHeadAttention(d, cfg.attention_heads, rel_pos=cfg.rel_attention)
-        self.norm_attn = nn.LayerNorm(d, eps=LN_EPS)
+        self.norm_attn = nn.LayerNorm(d, eps=eps)
         self.conv = None
         if cfg.conv:
             self.conv = ConvModule(
                 d, cfg.cnn_module_kernel, cfg.activation_type, cfg.cnn_module_norm, cfg.causal
             )
-            self.norm_conv = nn.LayerNorm(d, eps=LN_EPS)
-            self.norm_final = nn.LayerNorm(d, eps=LN_EPS)
-        self.ff = FeedForward(d, cfg.linear_units, cfg.activation_type)
-        self.norm_ff = nn.LayerNorm(d, eps=LN_EPS)
+            self.norm_conv = nn.LayerNorm(d, eps=eps)
+            self.norm_final = nn.LayerNorm(d, eps=eps)
+        self.ff = ff if ff is not None else FeedForward(d, cfg.linear_units, cfg.activation_type)
+        self.norm_ff = nn.LayerNorm(d, eps=eps)
 
     def _sublayer(self, x, norm, fn, scale=1.0):
         y = fn(norm(x) if self.normalize_before else x)
@@ -62,8 +68,12 @@ class EncoderBlock(nn.Module):
         att_cache: torch.Tensor | None = None,
         cnn_cache: torch.Tensor | None = None,
         pad_mode: str = "zero",
+        ff_context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> (x, new_att_cache (B, H, Tc+T, 2*Dk), new_cnn_cache (B, D, K-1))."""
+        """x (B, T, D) -> (x, new_att_cache (B, H, Tc+T, 2*Dk), new_cnn_cache (B, D, K-1)).
+
+        ff_context: side input of a swapped second FFN, called as ``self.ff(h, ff_context)``.
+        """
         if self.ff_macaron is not None:
             x = self._sublayer(x, self.norm_ff_macaron, self.ff_macaron, self.ff_scale)
         new_att_cache = None
@@ -83,7 +93,8 @@ class EncoderBlock(nn.Module):
                 return out
 
             x = self._sublayer(x, self.norm_conv, conv)
-        x = self._sublayer(x, self.norm_ff, self.ff, self.ff_scale)
+        ff = self.ff if ff_context is None else (lambda h: self.ff(h, ff_context))
+        x = self._sublayer(x, self.norm_ff, ff, self.ff_scale)
         if self.conv is not None:
             x = self.norm_final(x)
         return x, new_att_cache, new_cnn_cache
@@ -92,15 +103,23 @@ class EncoderBlock(nn.Module):
 class Encoder(nn.Module):
     """Features (B, T, F) -> encoder output (B, T', D) with valid lengths (B,)."""
 
-    def __init__(self, cfg: EncoderConfig, input_dim: int):
+    def __init__(
+        self,
+        cfg: EncoderConfig,
+        input_dim: int,
+        ff_factory: Callable[[EncoderConfig], nn.Module] | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         d = cfg.output_size
         self.register_buffer("cmvn_mean", torch.zeros(input_dim))
         self.register_buffer("cmvn_istd", torch.ones(input_dim))
-        self.subsampling = Subsampling(cfg.input_layer, input_dim, d)
-        self.layers = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_blocks))
-        self.final_norm = nn.LayerNorm(d, eps=LN_EPS)  # WeNet's after_norm
+        self.subsampling = Subsampling(cfg.input_layer, input_dim, d, cfg.subsampling_mask)
+        self.layers = nn.ModuleList(
+            EncoderBlock(cfg, ff_factory(cfg) if ff_factory else None)
+            for _ in range(cfg.num_blocks)
+        )
+        self.final_norm = nn.LayerNorm(d, eps=cfg.norm_eps)  # WeNet's after_norm
 
     @property
     def rate(self) -> int:
@@ -143,15 +162,22 @@ class Encoder(nn.Module):
         decoding_chunk_size: int = -1,
         num_decoding_left_chunks: int = -1,
         pad_mode: str = "zero",
+        ff_context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """feats (B, T, F) raw fbank, lengths (B,) -> (out (B, T', D), out_lengths (B,))."""
+        """feats (B, T, F) raw fbank, lengths (B,) -> (out (B, T', D), out_lengths (B,)).
+
+        ``pad_mode="wenet"`` also applies ``cfg.subsampling_mask`` to the padded batch (its
+        reference's lengths); ``"zero"`` gives every utterance its own unpadded lengths.
+        ff_context (B, T', C): side input passed to every block's second FFN.
+        """
         x = self._embed(feats, 0)
-        out_lengths = self.subsampling.output_lengths(lengths)
+        padded = feats.shape[1] if pad_mode == "wenet" else None
+        out_lengths = self.subsampling.output_lengths(lengths, padded)
         chunk, left = self.chunk_config(decoding_chunk_size, num_decoding_left_chunks)
         spec = AttentionSpec(out_lengths, chunk_size=chunk, num_left_chunks=left)
         pos = self._pos(0, x.shape[1], x)
         for layer in self.layers:
-            x, _, _ = layer(x, spec, pos, out_lengths, pad_mode=pad_mode)
+            x, _, _ = layer(x, spec, pos, out_lengths, pad_mode=pad_mode, ff_context=ff_context)
         if self.cfg.normalize_before:
             x = self.final_norm(x)
         return x, out_lengths

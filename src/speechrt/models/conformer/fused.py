@@ -93,8 +93,9 @@ class FusedEncoder:
         reordered to the NHWC (freq, channel) order and scaled by sqrt(d) (the positional-encoding
         input scale), so neither a transpose copy nor a scale kernel remains.
         """
-        convs = [copy.deepcopy(c).to(self.dtype).to(memory_format=torch.channels_last)
-                 for c in sub.convs]
+        convs = [
+            copy.deepcopy(c).to(self.dtype).to(memory_format=torch.channels_last) for c in sub.convs
+        ]
         c = sub.convs[0].out_channels
         w = sub.proj.weight.detach()  # (D, C * F2), column = c * F2 + f
         d = w.shape[0]
@@ -114,8 +115,12 @@ class FusedEncoder:
             x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.sub_dtype)
             return self.subsampling(x) * math.sqrt(self.d)
         x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.dtype).unsqueeze(1)  # (B,1,T,F)
-        with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
-                                        allow_tf32=self.dtype != torch.float32):
+        with torch.backends.cudnn.flags(
+            enabled=True,
+            benchmark=True,
+            deterministic=False,
+            allow_tf32=self.dtype != torch.float32,
+        ):
             for conv in fr["convs"]:
                 x = torch.relu_(conv(x))
         b, c, t, f = x.shape
@@ -131,30 +136,49 @@ class FusedEncoder:
         qkv_b = torch.cat([a.q.bias, a.k.bias, a.v.bias], 0)
         blk = {
             "norm_mac": _norm(layer.norm_ff_macaron),
-            "mac_w1": self._w(layer.ff_macaron.w1.weight), "mac_b1": self._w(layer.ff_macaron.w1.bias),
-            "mac_w2": self._w(layer.ff_macaron.w2.weight), "mac_b2": self._w(layer.ff_macaron.w2.bias),
+            "mac_w1": self._w(layer.ff_macaron.w1.weight),
+            "mac_b1": self._w(layer.ff_macaron.w1.bias),
+            "mac_w2": self._w(layer.ff_macaron.w2.weight),
+            "mac_b2": self._w(layer.ff_macaron.w2.bias),
             "norm_attn": _norm(layer.norm_attn),
-            "qkv_w": self._w(qkv_w), "qkv_b": self._w(qkv_b),
-            "out_w": self._w(a.out.weight), "out_b": self._w(a.out.bias),
+            "qkv_w": self._w(qkv_w),
+            "qkv_b": self._w(qkv_b),
+            "out_w": self._w(a.out.weight),
+            "out_b": self._w(a.out.bias),
             "pos_w": self._w(a.pos.weight),
-            "u": self._w(a.pos_bias_u), "v": self._w(a.pos_bias_v),
+            "u": self._w(a.pos_bias_u),
+            "v": self._w(a.pos_bias_v),
             "norm_conv": _norm(layer.norm_conv),
-            "pw1_w": self._w(c.pw1.weight.squeeze(-1)), "pw1_b": self._w(c.pw1.bias),
-            "pw2_w": self._w(c.pw2.weight.squeeze(-1)), "pw2_b": self._w(c.pw2.bias),
+            "pw1_w": self._w(c.pw1.weight.squeeze(-1)),
+            "pw1_b": self._w(c.pw1.bias),
+            "pw2_w": self._w(c.pw2.weight.squeeze(-1)),
+            "pw2_b": self._w(c.pw2.bias),
             "norm_ff": _norm(layer.norm_ff),
-            "ff_w1": self._w(layer.ff.w1.weight), "ff_b1": self._w(layer.ff.w1.bias),
-            "ff_w2": self._w(layer.ff.w2.weight), "ff_b2": self._w(layer.ff.w2.bias),
+            "ff_w1": self._w(layer.ff.w1.weight),
+            "ff_b1": self._w(layer.ff.w1.bias),
+            "ff_w2": self._w(layer.ff.w2.weight),
+            "ff_b2": self._w(layer.ff.w2.bias),
             "norm_final": _norm(layer.norm_final),
         }
         if c.norm_type == "batch_norm":
             bn = c.norm
-            w, b = fold_batch_norm(c.dw.weight.detach().float(), c.dw.bias.detach().float(),
-                                   bn.running_mean.float(), bn.running_var.float(),
-                                   bn.weight.detach().float(), bn.bias.detach().float(), bn.eps)
+            w, b = fold_batch_norm(
+                c.dw.weight.detach().float(),
+                c.dw.bias.detach().float(),
+                bn.running_mean.float(),
+                bn.running_var.float(),
+                bn.weight.detach().float(),
+                bn.bias.detach().float(),
+                bn.eps,
+            )
             blk.update(dw_w=w.to(self.dtype), dw_b=b.to(self.dtype), conv_norm="batch")
         else:
-            blk.update(dw_w=self._w(c.dw.weight.reshape(c.channels, -1)), dw_b=self._w(c.dw.bias),
-                       conv_norm="layer", conv_ln=_norm(c.norm))
+            blk.update(
+                dw_w=self._w(c.dw.weight.reshape(c.channels, -1)),
+                dw_b=self._w(c.dw.bias),
+                conv_norm="layer",
+                conv_ln=_norm(c.norm),
+            )
         if c.causal:  # a causal module left-pads its *input* with zeros: GLU(bias1) frames
             left = F.glu(c.pw1.bias.detach().float(), dim=0)  # (C,)
             blk["left_context"] = left.to(self.dtype)[:, None].expand(-1, c.kernel_size - 1)
@@ -189,8 +213,17 @@ class FusedEncoder:
         x, y = add_layer_norm(f, x, n.weight, n.bias, n.eps, x_bias=blk["mac_b2"], scale=0.5)
         qkv = F.linear(y, blk["qkv_w"], blk["qkv_b"]).view(b, t, 3, h, dk)
         p = self._pos_proj(blk, pe).view(t, h, dk)
-        att = rel_pos_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], p, blk["u"], blk["v"],
-                                lengths, chunk_size=chunk, num_left_chunks=left)
+        att = rel_pos_attention(
+            qkv[:, :, 0],
+            qkv[:, :, 1],
+            qkv[:, :, 2],
+            p,
+            blk["u"],
+            blk["v"],
+            lengths,
+            chunk_size=chunk,
+            num_left_chunks=left,
+        )
         att = F.linear(att.view(b, t, d), blk["out_w"])
         n = blk["norm_conv"]
         x, y = add_layer_norm(att, x, n.weight, n.bias, n.eps, x_bias=blk["out_b"])
@@ -201,24 +234,45 @@ class FusedEncoder:
         conv_kw = {}
         if blk["conv_norm"] == "layer":
             ln = blk["conv_ln"]
-            conv_kw = dict(ln_weight=ln.weight.to(self.dtype), ln_bias=ln.bias.to(self.dtype),
-                           ln_eps=ln.eps)
-        g = glu_depthwise_conv(x2, blk["dw_w"], blk["dw_b"], lengths, causal=blk["causal"],
-                               norm=blk["conv_norm"], activation=self.cfg.activation_type
-                               if self.cfg.activation_type != "silu" else "swish",
-                               pad_mode=self.pad_mode, cache=cache, **conv_kw)
+            conv_kw = dict(
+                ln_weight=ln.weight.to(self.dtype), ln_bias=ln.bias.to(self.dtype), ln_eps=ln.eps
+            )
+        g = glu_depthwise_conv(
+            x2,
+            blk["dw_w"],
+            blk["dw_b"],
+            lengths,
+            causal=blk["causal"],
+            norm=blk["conv_norm"],
+            activation=self.cfg.activation_type if self.cfg.activation_type != "silu" else "swish",
+            pad_mode=self.pad_mode,
+            cache=cache,
+            **conv_kw,
+        )
         g = F.linear(g, blk["pw2_w"])
         n = blk["norm_ff"]
         x, y = add_layer_norm(g, x, n.weight, n.bias, n.eps, x_bias=blk["pw2_b"])
         f = self._ffn(y, blk["ff_w1"], blk["ff_b1"], blk["ff_w2"])
         n = blk["norm_final"]
-        _, x = add_layer_norm(f, x, n.weight, n.bias, n.eps, x_bias=blk["ff_b2"], scale=0.5,
-                              y_dtype=self.residual_dtype)
+        _, x = add_layer_norm(
+            f,
+            x,
+            n.weight,
+            n.bias,
+            n.eps,
+            x_bias=blk["ff_b2"],
+            scale=0.5,
+            y_dtype=self.residual_dtype,
+        )
         return x  # norm_final output: the next block's residual stream
 
     @torch.inference_mode()
     def forward(
-        self, feats: torch.Tensor, lengths: torch.Tensor, chunk_size: int = 0, num_left_chunks: int = -1
+        self,
+        feats: torch.Tensor,
+        lengths: torch.Tensor,
+        chunk_size: int = 0,
+        num_left_chunks: int = -1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, T, F) float32 raw fbank, lengths (B,) -> (B, T', D) float32, (B,) lengths.
 
@@ -253,25 +307,36 @@ class FusedDecoder:
         self.layers = []
         for layer in dec.layers:
             s, c = layer.self_attn, layer.cross_attn
-            self.layers.append({
-                "norm1": _norm(layer.norm1), "norm2": _norm(layer.norm2), "norm3": _norm(layer.norm3),
-                "qkv_w": w(torch.cat([s.q.weight, s.k.weight, s.v.weight])),
-                "qkv_b": w(torch.cat([s.q.bias, s.k.bias, s.v.bias])),
-                "so_w": w(s.out.weight), "so_b": w(s.out.bias),
-                "cq_w": w(c.q.weight), "cq_b": w(c.q.bias),
-                "ckv_w": w(torch.cat([c.k.weight, c.v.weight])),
-                "ckv_b": w(torch.cat([c.k.bias, c.v.bias])),
-                "co_w": w(c.out.weight), "co_b": w(c.out.bias),
-                "w1": w(layer.ff.w1.weight), "b1": w(layer.ff.w1.bias),
-                "w2": w(layer.ff.w2.weight), "b2": w(layer.ff.w2.bias),
-            })
+            self.layers.append(
+                {
+                    "norm1": _norm(layer.norm1),
+                    "norm2": _norm(layer.norm2),
+                    "norm3": _norm(layer.norm3),
+                    "qkv_w": w(torch.cat([s.q.weight, s.k.weight, s.v.weight])),
+                    "qkv_b": w(torch.cat([s.q.bias, s.k.bias, s.v.bias])),
+                    "so_w": w(s.out.weight),
+                    "so_b": w(s.out.bias),
+                    "cq_w": w(c.q.weight),
+                    "cq_b": w(c.q.bias),
+                    "ckv_w": w(torch.cat([c.k.weight, c.v.weight])),
+                    "ckv_b": w(torch.cat([c.k.bias, c.v.bias])),
+                    "co_w": w(c.out.weight),
+                    "co_b": w(c.out.bias),
+                    "w1": w(layer.ff.w1.weight),
+                    "b1": w(layer.ff.w1.bias),
+                    "w2": w(layer.ff.w2.weight),
+                    "b2": w(layer.ff.w2.bias),
+                }
+            )
 
     def memory_kv(self, memory: torch.Tensor) -> list[torch.Tensor]:
         """Cross-attention K/V of every layer, once per utterance: (B, T, 2, H, Dk)."""
         b, t, d = memory.shape
         m = memory.to(self.dtype)
-        return [F.linear(m, ly["ckv_w"], ly["ckv_b"]).view(b, t, 2, self.n_head, d // self.n_head)
-                for ly in self.layers]
+        return [
+            F.linear(m, ly["ckv_w"], ly["ckv_b"]).view(b, t, 2, self.n_head, d // self.n_head)
+            for ly in self.layers
+        ]
 
     @torch.inference_mode()
     def forward(self, tokens, token_lengths, memory_kv, memory_lengths) -> torch.Tensor:

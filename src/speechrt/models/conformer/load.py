@@ -91,7 +91,10 @@ def load_wenet(
     wenet_sd = _read_state_dict(_checkpoint(path))
     has_cmvn = "encoder.global_cmvn.mean" in wenet_sd
     sd = convert_wenet_state_dict(
-        wenet_sd, cfg, shapes, allow_missing=() if has_cmvn else ("encoder.cmvn_mean", "encoder.cmvn_istd")
+        wenet_sd,
+        cfg,
+        shapes,
+        allow_missing=() if has_cmvn else ("encoder.cmvn_mean", "encoder.cmvn_istd"),
     )
     if not has_cmvn:
         cmvn_path = _find(path, cfg.cmvn_file, ("global_cmvn",))

@@ -60,7 +60,7 @@ class ConformerASR(nn.Module):
         def step(tokens: torch.Tensor, i: int, parents: torch.Tensor | None) -> torch.Tensor:
             nonlocal caches
             if parents is not None and caches[0] is not None:
-                flat = (parents + torch.arange(b, device=parents.device).unsqueeze(1) * beam_size)
+                flat = parents + torch.arange(b, device=parents.device).unsqueeze(1) * beam_size
                 flat = flat.reshape(-1)
                 caches = [c.index_select(0, flat) for c in caches]
             logp, caches = dec.step(tokens, i, memory_kv, encoder_lengths, caches)

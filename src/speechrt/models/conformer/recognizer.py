@@ -169,19 +169,20 @@ class WenetModel(Model):
         if opts.method == "attention":
             res = attention_beam_search(
                 self.net.beam_step(enc.to(self.net.ctc.weight.dtype), enc_lens, opts.beam_size),
-                enc.shape[0], opts.beam_size, cfg.sos, cfg.eos, enc_lens, enc.device,
+                enc.shape[0],
+                opts.beam_size,
+                cfg.sos,
+                cfg.eos,
+                enc_lens,
+                enc.device,
             )
             toks, lens, scores = res.tokens.cpu(), res.lengths.cpu(), res.scores.cpu()
-            return [
-                [(toks[b, : lens[b]].tolist(), float(scores[b]))] for b in range(enc.shape[0])
-            ]
+            return [[(toks[b, : lens[b]].tolist(), float(scores[b]))] for b in range(enc.shape[0])]
         logp = self.net.ctc_log_probs(enc.to(self.net.ctc.weight.dtype))
         if opts.method == "ctc_greedy_search":
             res = ctc_greedy_search(logp, enc_lens, cfg.blank)
             toks, lens, scores = res.tokens.cpu(), res.token_lengths.cpu(), res.scores.cpu()
-            return [
-                [(toks[b, : lens[b]].tolist(), float(scores[b]))] for b in range(enc.shape[0])
-            ]
+            return [[(toks[b, : lens[b]].tolist(), float(scores[b]))] for b in range(enc.shape[0])]
         if self.engine is not None:
             beam = self.engine.ctc_prefix_beam_search(logp, enc_lens, opts.beam_size, cfg.blank)
         else:
@@ -193,8 +194,14 @@ class WenetModel(Model):
         beam = type(beam)(**{**beam.__dict__, "hyps": beam.hyps[..., :width].contiguous()})
         l2r, r2l = self._rescoring_log_probs(enc, enc_lens, beam, opts.reverse_weight > 0)
         res = rescoring_scores(
-            l2r, r2l, beam.hyps, beam.hyp_lengths, beam.scores, cfg.eos,
-            opts.ctc_weight, opts.reverse_weight,
+            l2r,
+            r2l,
+            beam.hyps,
+            beam.hyp_lengths,
+            beam.scores,
+            cfg.eos,
+            opts.ctc_weight,
+            opts.reverse_weight,
         )
         order = torch.argsort(res.scores, dim=-1, descending=True, stable=True)
         return _nbest(
@@ -209,8 +216,9 @@ class WenetModel(Model):
             return self.net.rescoring_log_probs(
                 enc.to(dtype), enc_lens, beam.hyps, beam.hyp_lengths, with_r2l=with_r2l
             )
-        l2r_in, r2l_in, in_lens = decoder_inputs(beam.hyps, beam.hyp_lengths, self.cfg.sos,
-                                                 self.cfg.eos)
+        l2r_in, r2l_in, in_lens = decoder_inputs(
+            beam.hyps, beam.hyp_lengths, self.cfg.sos, self.cfg.eos
+        )
         return self.engine.rescoring_log_probs(enc, enc_lens, l2r_in, r2l_in, in_lens, with_r2l)
 
     # ------------------------------------------------------------------ audio -> text
@@ -238,8 +246,11 @@ class WenetModel(Model):
     ) -> Transcript | list[Transcript]:
         """Transcribe one input (-> Transcript) or a list (-> list, batched by length)."""
         opts = dict(
-            method=method, beam_size=beam_size, ctc_weight=ctc_weight,
-            reverse_weight=reverse_weight, decoding_chunk_size=decoding_chunk_size,
+            method=method,
+            beam_size=beam_size,
+            ctc_weight=ctc_weight,
+            reverse_weight=reverse_weight,
+            decoding_chunk_size=decoding_chunk_size,
             num_decoding_left_chunks=num_decoding_left_chunks,
             simulate_streaming=simulate_streaming,
         )
@@ -278,8 +289,9 @@ class WenetModel(Model):
                 "features_s": (t1 - t0) * share,
                 "decode_s": (t2 - t1) * share,
             }
-            out.append(Transcript(self.symbols.detokenize(tokens), tuple(tokens), score,
-                                  timings=timings))
+            out.append(
+                Transcript(self.symbols.detokenize(tokens), tuple(tokens), score, timings=timings)
+            )
         return out
 
 

@@ -13,7 +13,8 @@ class SymbolTable:
     """Maps token ids to units and back; turns id sequences into text as WeNet does.
 
     Character models join units directly; BPE units (``▁`` marks a word start) become spaces.
-    Special units (``<blank>``, ``<unk>``, ``<sos/eos>``, anything in angle brackets) never reach text.
+    Special units (``<blank>``, ``<unk>``, ``<sos/eos>``, anything in angle brackets) never
+    reach the text.
     """
 
     def __init__(self, units: dict[int, str]):

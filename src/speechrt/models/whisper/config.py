@@ -36,7 +36,9 @@ class WhisperDims:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ModelFormatError(f"WhisperDims.{f.name} must be a positive int, got {value!r}")
+                raise ModelFormatError(
+                    f"WhisperDims.{f.name} must be a positive int, got {value!r}"
+                )
         if self.n_audio_state % self.n_audio_head:
             raise ModelFormatError(
                 f"n_audio_state {self.n_audio_state} is not divisible by n_audio_head "
@@ -49,7 +51,7 @@ class WhisperDims:
             )
         if self.n_audio_state % 2 or self.n_audio_state < 4:
             raise ModelFormatError(
-                f"n_audio_state must be even and >= 4 (sinusoid positions), got {self.n_audio_state}"
+                f"n_audio_state must be even and >= 4 (sinusoids), got {self.n_audio_state}"
             )
         if self.n_vocab < _MIN_VOCAB:
             raise ModelFormatError(

@@ -110,7 +110,9 @@ class AudioEncoder(nn.Module):
     def forward(self, mel: Tensor) -> Tensor:
         """mel: (B, n_mels, 2 * n_audio_ctx) -> audio features (B, n_audio_ctx, n_audio_state)."""
         if mel.ndim != 3 or mel.shape[-1] != 2 * self.n_ctx:
-            raise AudioError(f"encoder expects (B, n_mels, {2 * self.n_ctx}) mel, got {tuple(mel.shape)}")
+            raise AudioError(
+                f"encoder expects (B, n_mels, {2 * self.n_ctx}) mel, got {tuple(mel.shape)}"
+            )
         x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))
         x = F.gelu(self.conv2(x))
         x = x.permute(0, 2, 1)  # (B, T, D)
@@ -182,7 +184,9 @@ class DecoderLayer(nn.Module):
         index = p.positions.view(b, 1, 1, 1).expand(b, a.n_head, 1, k.shape[-1])  # (B, H, 1, Dh)
         ck.scatter_(2, index, k)
         cv.scatter_(2, index, v)
-        return a.merge(F.scaled_dot_product_attention(q, ck, cv, attn_mask=p.mask))
+        n = p.mask.shape[-1]
+        out = F.scaled_dot_product_attention(q, ck[:, :, :n], cv[:, :, :n], attn_mask=p.mask)
+        return a.merge(out)
 
     def _cross_attend(self, h: Tensor, p: _Pass) -> Tensor:
         a = self.cross_attn
@@ -267,7 +271,9 @@ class WhisperNet(nn.Module):
         return self.encoder(mel)
 
     # --- cached decoding ----------------------------------------------------------------
-    def setup_caches(self, max_batch: int, max_len: int | None = None, max_audio: int | None = None):
+    def setup_caches(
+        self, max_batch: int, max_len: int | None = None, max_audio: int | None = None
+    ):
         """Allocate self-attention caches for ``max_batch`` rows of ``max_len`` tokens (default
         n_text_ctx) and cross-attention caches for ``max_audio`` audios (default max_batch)."""
         dims, like = self.dims, self.decoder.tok_emb.weight
@@ -276,7 +282,9 @@ class WhisperNet(nn.Module):
         head_dim = dims.n_text_state // dims.n_text_head
         for layer in self.decoder.layers:
             layer.cache = KVCache(max_batch, dims.n_text_head, max_len, head_dim, like)
-            layer.cross_cache = KVCache(max_audio, dims.n_text_head, dims.n_audio_ctx, head_dim, like)
+            layer.cross_cache = KVCache(
+                max_audio, dims.n_text_head, dims.n_audio_ctx, head_dim, like
+            )
         self.max_batch, self.max_audio = max_batch, max_audio
 
     def ensure_caches(self, batch: int, n_audio: int) -> None:
@@ -293,11 +301,16 @@ class WhisperNet(nn.Module):
         """tokens (B, T) at positions [0, T) -> logits (B, T, V) FP32; fills the cache."""
         return self.decoder.run(self.decoder.embed(tokens), _Pass("prefill"))
 
-    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """tokens (B, 1) at positions (B,) -> logits (B, V) FP32; no host sync."""
-        length = self.decoder.layers[0].cache.k.shape[2]
-        keys = torch.arange(length, device=tokens.device)
-        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, L)
+    def step(self, tokens: Tensor, positions: Tensor, kv_len: int | None = None) -> Tensor:
+        """tokens (B, 1) at positions (B,) -> logits (B, V) FP32; no host sync.
+
+        Attention reads the first ``kv_len`` cache entries (default: all), masked per row to
+        ``<= positions[b]``; ``kv_len`` must exceed every position. A static ``kv_len`` bucket
+        keeps the step graph-safe; ``max(positions) + 1`` reproduces an unpadded cache exactly.
+        """
+        kv_len = kv_len or self.decoder.layers[0].cache.k.shape[2]
+        keys = torch.arange(kv_len, device=tokens.device)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, kv_len)
         p = _Pass("step", positions=positions, mask=mask)
         return self.decoder.run(self.decoder.embed(tokens, positions), p)[:, 0]
 
@@ -317,7 +330,9 @@ class WhisperNet(nn.Module):
     ) -> tuple[Tensor, list[Tensor]]:
         """Logits (B, T, V) and per-layer pre-softmax cross-attention scores (A, H, B/A*T, S)."""
         scores: list[Tensor] = []
-        p = _Pass("full", audio=audio_features.to(self.decoder.tok_emb.weight.dtype), cross_qk=scores)
+        p = _Pass(
+            "full", audio=audio_features.to(self.decoder.tok_emb.weight.dtype), cross_qk=scores
+        )
         return self.decoder.run(self.decoder.embed(tokens), p), scores
 
     def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:

@@ -72,7 +72,7 @@ def _special_names(num_languages: int) -> list[str]:
     return ["<|endoftext|>", "<|startoftranscript|>", *languages, *control, *timestamps]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_encoding(name: str, num_languages: int) -> tiktoken.Encoding:
     """The tiktoken encoding ``name`` ("multilingual" or "gpt2") with Whisper's special tokens."""
     ranks: dict[bytes, int] = {}

@@ -324,7 +324,8 @@ class ConformerBench:
                 print(f"done {b}x{t}", flush=True)
         for b, t in cfg.compile_shapes:
             self.rows += self.compile_rows(b, t)
-            print(f"compiled {b}x{t}", flush=True)
+            write_csv(cfg.out / "conformer_partial.csv", self.rows)  # survives a time-out
+            print(f"compiled {b}x{t}: {self.rows[-1]}", flush=True)
         e2e = self.e2e_rows() if cfg.e2e_dir else []
         prof = self.profile()
         return self.report(e2e, prof)

@@ -1,0 +1,286 @@
+"""Decoding of 30 s Whisper windows: language detection, greedy/sampling/beam search, filters.
+
+Decoding consumes tensors through a :class:`DecoderSession` (the network after ``set_audio``),
+never a model. Semantics follow openai-whisper's ``decoding.py`` (same options, same tokens on
+CPU) but every step is batched over audios and candidates, and the step loop never reads the
+device except through :class:`StopFlag` (on CUDA, one step late and without stalling).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor
+
+from speechrt.decoding.whisper_filters import ApplyTimestampRules, SuppressBlank, SuppressTokens
+from speechrt.decoding.whisper_search import BeamSearch, GreedySearch, rank
+from speechrt.errors import UnsupportedOptionError
+
+if TYPE_CHECKING:  # decoding needs only the tokenizer's interface, not the model package
+    from speechrt.models.whisper.tokenizer import WhisperTokenizer
+
+CHUNK_SECONDS = 30
+
+
+class DecoderSession(Protocol):
+    """The decoder of one batch of audio windows (cross-attention K/V already stored).
+
+    Rows are grouped by audio (row b reads audio b // (B / n_audio)).
+    """
+
+    def prefill(self, tokens: Tensor) -> Tensor:
+        """tokens (B, T) at positions [0, T) -> logits (B, T, V) FP32."""
+
+    def step(self, tokens: Tensor, positions: Tensor, kv_len: int | None = None) -> Tensor:
+        """tokens (B, 1) at positions (B,) -> logits (B, V) FP32."""
+
+    def reorder_cache(self, source: Tensor) -> None:
+        """Self-attention cache row b <- row source[b]."""
+
+
+@dataclass(frozen=True)
+class WhisperDecodeOptions:
+    """Options of one window's decoding (those of openai-whisper's ``DecodingOptions``)."""
+
+    task: str = "transcribe"
+    language: str | None = None  # None: detect per audio
+    temperature: float = 0.0
+    sample_len: int | None = None  # max sampled tokens (default n_text_ctx // 2)
+    best_of: int | None = None  # independent samples when temperature > 0
+    beam_size: int | None = None  # beams when temperature == 0
+    patience: float | None = None
+    length_penalty: float | None = None  # None: divide by length; else Google NMT alpha
+    prompt: str | Sequence[int] | None = None  # previous context (after <|startofprev|>)
+    prefix: str | Sequence[int] | None = None  # forced start of this window's text
+    suppress_tokens: str | Sequence[int] | None = "-1"  # "-1": the non-speech symbols
+    suppress_blank: bool = True
+    without_timestamps: bool = False
+    max_initial_timestamp: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.task not in ("transcribe", "translate"):
+            raise UnsupportedOptionError(f"unknown task {self.task!r}; use transcribe or translate")
+        if self.beam_size is not None and self.best_of is not None:
+            raise UnsupportedOptionError("beam_size and best_of cannot be given together")
+        if self.temperature == 0 and self.best_of is not None:
+            raise UnsupportedOptionError("best_of needs temperature > 0")
+        if self.patience is not None and self.beam_size is None:
+            raise UnsupportedOptionError("patience needs beam_size")
+        if self.patience is not None and self.patience <= 0:
+            raise UnsupportedOptionError(f"patience must be > 0, got {self.patience}")
+        if self.length_penalty is not None and not 0 <= self.length_penalty <= 1:
+            raise UnsupportedOptionError("length_penalty must be within [0, 1]")
+        for name in ("beam_size", "best_of", "sample_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UnsupportedOptionError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """The decoding of one audio window."""
+
+    language: str
+    tokens: list[int] = field(default_factory=list)  # sampled tokens, without EOT
+    text: str = ""
+    sum_logprob: float = 0.0
+    avg_logprob: float = float("nan")
+    no_speech_prob: float = float("nan")
+    temperature: float = float("nan")
+    compression_ratio: float = float("nan")
+    language_probs: dict[str, float] | None = None
+
+
+def compression_ratio(text: str) -> float:
+    """len(utf-8 bytes) / len(zlib-compressed bytes): high for repetitive text."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data))
+
+
+class StopFlag:
+    """Reads a device ``done`` flag: at once on CPU; on CUDA one step late (through pinned
+    memory and an event), so the host never waits for the step it just queued."""
+
+    def __init__(self, device: torch.device, lag: int | None = None) -> None:
+        self.lag = (1 if device.type == "cuda" else 0) if lag is None else lag
+        self._pending: list[tuple[Tensor, object]] = []
+
+    def __call__(self, done: Tensor) -> bool:
+        if self.lag == 0:
+            return bool(done)
+        if done.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(done, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = done.clone(), None
+        self._pending.append((host, event))
+        if len(self._pending) <= self.lag:
+            return False
+        host, event = self._pending.pop(0)
+        if event is not None:
+            event.synchronize()
+        return bool(host)
+
+
+def detect_language(
+    session: DecoderSession, tokenizer: WhisperTokenizer, n_audio: int, device: torch.device
+) -> tuple[Tensor, list[dict[str, float]]]:
+    """Language tokens (A,) and per-audio {code: probability} from the logits after SOT."""
+    if tokenizer.language is None:
+        raise UnsupportedOptionError("this model has no language tokens (English-only)")
+    sot = torch.full((n_audio, 1), tokenizer.sot, dtype=torch.long, device=device)
+    logits = session.prefill(sot)[:, 0]  # (A, V)
+    allowed = torch.tensor(tokenizer.all_language_tokens, device=device)
+    masked = torch.full_like(logits, float("-inf"))
+    masked[:, allowed] = logits[:, allowed]
+    tokens = masked.argmax(dim=-1)  # (A,)
+    probs = masked.softmax(dim=-1)[:, allowed].tolist()  # (A, n_languages)
+    codes = tokenizer.all_language_codes
+    return tokens, [dict(zip(codes, row)) for row in probs]
+
+
+class WindowDecoder:
+    """Decodes a batch of windows with fixed options (openai-whisper's ``DecodingTask``)."""
+
+    def __init__(
+        self,
+        tokenizer: WhisperTokenizer,
+        options: WhisperDecodeOptions,
+        n_text_ctx: int,
+        n_audio_ctx: int,
+        stop_lag: int | None = None,
+    ) -> None:
+        """``stop_lag``: steps by which the loop may notice completion late (default: 0 on
+        CPU, 1 on CUDA); results do not depend on it, only RNG use after completion does."""
+        if tokenizer.multilingual:
+            tokenizer = tokenizer.with_options(options.language or "en", options.task)
+        self.tokenizer = tokenizer
+        self.options = options
+        self.n_ctx = n_text_ctx
+        self.group = options.beam_size or options.best_of or 1
+        self.sample_len = options.sample_len or n_text_ctx // 2
+        self.initial_tokens = self._initial_tokens()
+        self.sample_begin = len(self.initial_tokens)
+        self.sot_index = self.initial_tokens.index(tokenizer.sot)
+        self.filters = self._filters(n_audio_ctx)
+        self.stop_lag = stop_lag
+
+    def _initial_tokens(self) -> tuple[int, ...]:
+        tok, opts = self.tokenizer, self.options
+        tokens = list(tok.sot_sequence)
+        if opts.without_timestamps:
+            tokens.append(tok.no_timestamps)
+        if opts.prefix:
+            prefix = _as_ids(tok, opts.prefix)
+            max_prefix = self.n_ctx // 2 - self.sample_len
+            tokens += prefix[-max_prefix:]
+        if opts.prompt:
+            prompt = _as_ids(tok, opts.prompt)
+            tokens = [tok.sot_prev, *prompt[-(self.n_ctx // 2 - 1) :], *tokens]
+        return tuple(tokens)
+
+    def _filters(self, n_audio_ctx: int) -> list:
+        tok, opts = self.tokenizer, self.options
+        filters: list = []
+        if opts.suppress_blank:
+            filters.append(SuppressBlank([*tok.encode(" "), tok.eot], self.sample_begin))
+        if opts.suppress_tokens:
+            filters.append(SuppressTokens(suppressed_tokens(tok, opts.suppress_tokens)))
+        if not opts.without_timestamps:
+            max_initial = None
+            if opts.max_initial_timestamp:
+                max_initial = round(opts.max_initial_timestamp / (CHUNK_SECONDS / n_audio_ctx))
+            filters.append(
+                ApplyTimestampRules(
+                    tok.timestamp_begin, tok.eot, tok.no_timestamps, self.sample_begin, max_initial
+                )
+            )
+        return filters
+
+    def run(
+        self, session: DecoderSession, n_audio: int, device: torch.device
+    ) -> list[WindowResult]:
+        """Decode ``n_audio`` windows whose features the session holds."""
+        tok, opts = self.tokenizer, self.options
+        tokens = torch.full((n_audio, self.n_ctx + 1), tok.eot, dtype=torch.long, device=device)
+        tokens[:, : self.sample_begin] = torch.tensor(self.initial_tokens, device=device)
+        languages, language_probs = [opts.language] * n_audio, None
+        if opts.language is None:
+            lang_tokens, language_probs = detect_language(session, tok, n_audio, device)
+            languages = [max(p, key=p.get) for p in language_probs]
+            tokens[:, self.sot_index + 1] = lang_tokens
+        tokens = tokens.repeat_interleave(self.group, dim=0)  # (B, n_ctx + 1)
+        search, length, no_speech = self._search(session, tokens, n_audio, device)
+        chosen = rank(
+            search.finalize(tokens, length, self.group),
+            self.sample_begin,
+            tok.eot,
+            opts.length_penalty,
+        )
+        return [
+            self._result(ids, logprob, languages[a], no_speech[a * self.group], language_probs, a)
+            for a, (ids, logprob) in enumerate(chosen)
+        ]
+
+    def _search(self, session: DecoderSession, tokens: Tensor, n_audio: int, device: torch.device):
+        """The step loop; returns (search, final length, no-speech probability per row)."""
+        opts, eot = self.options, self.tokenizer.eot
+        batch = tokens.shape[0]
+        if opts.beam_size is not None:
+            search = BeamSearch(opts.beam_size, eot, opts.patience, n_audio, self.n_ctx, device)
+        else:
+            search = GreedySearch(opts.temperature, eot, batch, device)
+        stop = StopFlag(device, self.stop_lag)
+        length = self.sample_begin
+        logits = session.prefill(tokens[:, :length])  # (B, T, V)
+        no_speech = logits[:, self.sot_index].float().softmax(dim=-1)[:, self.tokenizer.no_speech]
+        logits = logits[:, -1]
+        positions = torch.empty(batch, dtype=torch.long, device=device)
+        for i in range(self.sample_len):
+            if i > 0:
+                positions.fill_(length - 1)
+                logits = session.step(tokens[:, length - 1 : length], positions, kv_len=length)
+            for f in self.filters:
+                f.apply(logits, tokens, length)
+            search.update(tokens, length, logits, session.reorder_cache)
+            length += 1
+            if length > self.n_ctx or stop(search.done):
+                break
+        return search, length, no_speech.tolist()
+
+    def _result(self, ids, logprob, language, no_speech, language_probs, a) -> WindowResult:
+        text = self.tokenizer.decode(ids).strip()
+        return WindowResult(
+            language=language,
+            tokens=ids,
+            text=text,
+            sum_logprob=logprob,
+            avg_logprob=logprob / (len(ids) + 1),
+            no_speech_prob=no_speech,
+            temperature=self.options.temperature,
+            compression_ratio=compression_ratio(text),
+            language_probs=None if language_probs is None else language_probs[a],
+        )
+
+
+def _as_ids(tokenizer: WhisperTokenizer, value: str | Sequence[int]) -> list[int]:
+    if isinstance(value, str):
+        return tokenizer.encode(" " + value.strip())
+    return list(value)
+
+
+def suppressed_tokens(tokenizer: WhisperTokenizer, spec: str | Sequence[int]) -> list[int]:
+    """Token ids to suppress: ``spec`` ("-1" / -1 = the non-speech symbols, or ids, or a
+    comma-separated string) plus the task/SOT/prev/LM/no-speech control tokens."""
+    ids = [int(t) for t in spec.split(",")] if isinstance(spec, str) else [int(t) for t in spec]
+    if -1 in ids:
+        ids = [t for t in ids if t >= 0] + list(tokenizer.non_speech_tokens)
+    ids += [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev]
+    ids += [tokenizer.sot_lm, tokenizer.no_speech]
+    return sorted(set(ids))

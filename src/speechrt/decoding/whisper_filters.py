@@ -1,0 +1,106 @@
+"""Whisper logit filters, batched: each masks ``logits`` (B, V) in place, without host syncs.
+
+``apply(logits, tokens, length)`` sees the token buffer ``tokens`` (B, >= length) whose first
+``length`` columns are the context so far (initial tokens, then sampled ones from
+``sample_begin`` on). ``length`` is a host int (the step number), never read from the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+class _Indexed:
+    """A fixed token-id list, kept as an index tensor per device."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        self.ids = list(ids)
+        self._on: dict[torch.device, Tensor] = {}
+
+    def index(self, device: torch.device) -> Tensor:
+        if device not in self._on:
+            self._on[device] = torch.tensor(self.ids, dtype=torch.long, device=device)
+        return self._on[device]
+
+
+class SuppressBlank(_Indexed):
+    """At the first sampled position, forbid a blank (" ") or an immediate end of text."""
+
+    def __init__(self, blank_ids: Sequence[int], sample_begin: int) -> None:
+        super().__init__(blank_ids)
+        self.sample_begin = sample_begin
+
+    def apply(self, logits: Tensor, tokens: Tensor, length: int) -> None:
+        if length == self.sample_begin:
+            logits.index_fill_(1, self.index(logits.device), NEG_INF)
+
+
+class SuppressTokens(_Indexed):
+    """Forbid a fixed set of tokens at every step."""
+
+    def apply(self, logits: Tensor, tokens: Tensor, length: int) -> None:
+        logits.index_fill_(1, self.index(logits.device), NEG_INF)
+
+
+class ApplyTimestampRules:
+    """Whisper's timestamp grammar.
+
+    * ``<|notimestamps|>`` is never sampled;
+    * timestamps come in pairs: after a lone timestamp only timestamps or EOT may follow, after
+      a pair only text (a single timestamp may close the window right before EOT);
+    * timestamps never decrease, and a segment has nonzero length;
+    * the first sampled token is a timestamp no later than ``max_initial_timestamp_index``;
+    * when the timestamps' total probability beats every single text token, a timestamp is forced.
+    """
+
+    def __init__(
+        self,
+        timestamp_begin: int,
+        eot: int,
+        no_timestamps: int,
+        sample_begin: int,
+        max_initial_timestamp_index: int | None,
+    ) -> None:
+        self.ts_begin = timestamp_begin
+        self.eot = eot
+        self.no_timestamps = no_timestamps
+        self.sample_begin = sample_begin
+        self.max_initial = max_initial_timestamp_index
+
+    def apply(self, logits: Tensor, tokens: Tensor, length: int) -> None:
+        logits[:, self.no_timestamps] = NEG_INF
+        if length > self.sample_begin:
+            self._pair_and_order(logits, tokens[:, self.sample_begin : length])
+        else:
+            logits[:, : self.ts_begin] = NEG_INF
+            if self.max_initial is not None:
+                logits[:, self.ts_begin + self.max_initial + 1 :] = NEG_INF
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (B, V)
+        ts_logprob = logprobs[:, self.ts_begin :].logsumexp(dim=-1)  # (B,)
+        text_max = logprobs[:, : self.ts_begin].max(dim=-1).values  # (B,)
+        logits[:, : self.ts_begin].masked_fill_((ts_logprob > text_max)[:, None], NEG_INF)
+
+    def _pair_and_order(self, logits: Tensor, sampled: Tensor) -> None:
+        """Mask logits (B, V) by the pair and order rules given sampled tokens (B, S >= 1)."""
+        is_ts = sampled >= self.ts_begin  # (B, S)
+        last = is_ts[:, -1]
+        if sampled.shape[1] >= 2:
+            penultimate = is_ts[:, -2]
+        else:
+            penultimate = torch.ones_like(last)
+        timestamps = logits[:, self.ts_begin :]  # (B, n_timestamps) view
+        timestamps.masked_fill_((last & penultimate)[:, None], NEG_INF)
+        logits[:, : self.eot].masked_fill_((last & ~penultimate)[:, None], NEG_INF)
+        steps = torch.arange(sampled.shape[1], device=sampled.device)
+        where_last = torch.where(is_ts, steps, -1).amax(dim=1)  # (B,) index of the last timestamp
+        last_ts = sampled.gather(1, where_last.clamp(min=0)[:, None])[:, 0] - self.ts_begin
+        limit = torch.where(last & ~penultimate, last_ts, last_ts + 1)  # first allowed index
+        ts_index = torch.arange(timestamps.shape[1], device=logits.device)
+        below = (where_last >= 0)[:, None] & (ts_index[None, :] < limit[:, None])  # (B, n_ts)
+        timestamps.masked_fill_(below, NEG_INF)

@@ -366,18 +366,23 @@ def moe_route(
     logits = torch.empty(n, e, dtype=torch.float32, device=x.device) if return_logits else None
     if n == 0:
         return RouteResult(idx, val, logits)
-    block_m = 16 if n <= 16 else (32 if n <= 4096 else 64)
+    block_m, block_k = _route_config(n)
     _route_kernel[(cdiv(n, block_m),)](
         x2d, emb2d if emb2d is not None else x2d, weight, bias if bias is not None else weight,
         logits if logits is not None else val, idx, val,
         n, d, de, e,
         x2d.stride(0), emb2d.stride(0) if emb2d is not None else 0, weight.stride(0),
         HAS_EMB=emb2d is not None, HAS_BIAS=bias is not None, STORE_LOGITS=return_logits,
-        TOP_K=top_k, RENORM=renormalize, BLOCK_M=block_m, BLOCK_K=32,
+        TOP_K=top_k, RENORM=renormalize, BLOCK_M=block_m, BLOCK_K=block_k,
         BLOCK_E=max(16, next_power_of_2(e)), BLOCK_TOPK=next_power_of_2(top_k),
         num_warps=4,
     )
     return RouteResult(idx, val, logits)
+
+
+def _route_config(n: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K) of the router: enough programs for small batches."""
+    return (16, 128) if n <= 4096 else (32, 64)
 
 
 def _check_router(weight: torch.Tensor, bias: torch.Tensor | None, k: int, top_k: int) -> int:
@@ -408,11 +413,10 @@ def moe_sort(gate_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
         raise ValueError(f"the sort supports 1..{MAX_EXPERTS} experts, got {num_experts}")
     n = flat.numel()
     block_e = next_power_of_2(num_experts + 1)
-    block = max(16, min(256, next_power_of_2(n)))
-    while cdiv(n, block) * block_e > 32768 and block * block_e < 65536:
-        block *= 2  # keep both the counts matrix and a one-hot block in registers
+    # One-hot blocks of <= 16k elements; every block reads the whole (blocks, experts) counts.
+    block = max(16, min(next_power_of_2(n), 16384 // block_e))
     n_blocks = max(1, cdiv(n, block))
-    if n_blocks * block_e > 32768:  # > ~500k assignments: not worth a third kernel
+    if n_blocks * block_e > 32768:  # > 131k assignments for 32 experts: torch's sort
         return moe_sort_ref(gate_idx, num_experts)
     order = torch.empty(n, dtype=torch.int32, device=flat.device)
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=flat.device)

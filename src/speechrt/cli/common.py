@@ -18,7 +18,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="attention_rescoring", choices=METHODS)
-    p.add_argument("--beam-size", type=int, default=10)
+    p.add_argument(
+        "--beam-size",
+        type=int,
+        default=None,
+        help="WeNet: default 10; Whisper: default greedy with temperature fallback",
+    )
     p.add_argument("--ctc-weight", type=float, default=0.5)
     p.add_argument("--reverse-weight", type=float, default=0.0)
     p.add_argument(
@@ -40,7 +45,7 @@ def add_decode_options(p: argparse.ArgumentParser) -> None:
 def decode_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         method=args.method,
-        beam_size=args.beam_size,
+        beam_size=10 if args.beam_size is None else args.beam_size,
         ctc_weight=args.ctc_weight,
         reverse_weight=args.reverse_weight,
         decoding_chunk_size=args.decoding_chunk_size,

@@ -22,7 +22,25 @@ def add_parser(sub) -> None:
     p = sub.add_parser("transcribe", help="transcribe audio files")
     add_model_options(p)
     add_decode_options(p)
-    p.add_argument("--format", default="text", choices=("text", "json", "jsonl"))
+    p.add_argument(
+        "--format",
+        default="text",
+        choices=("text", "json", "jsonl", "srt", "vtt", "tsv"),
+        help="srt / vtt / tsv need segment timestamps (Whisper models)",
+    )
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="write one <name>.<format> file per input instead of printing",
+    )
+    p.add_argument("--language", default=None, help="Whisper: language code (default: detect)")
+    p.add_argument(
+        "--task",
+        default="transcribe",
+        choices=("transcribe", "translate"),
+        help="Whisper: transcribe or translate to English",
+    )
+    p.add_argument("--word-timestamps", action="store_true", help="Whisper: word timings")
     p.add_argument("--timings", action="store_true", help="print a timing summary on stderr")
     p.add_argument("files", nargs="+", help="audio files (wav, flac, mp3, ogg) or wav.scp lists")
     p.set_defaults(run=run)
@@ -63,6 +81,14 @@ def run(args: argparse.Namespace) -> int:
     items = expand_inputs(args.files)
     t0 = time.perf_counter()
     model = speechrt.load_model(args.model, device=args.device, dtype=args.dtype)
+    if not hasattr(model, "transcribe_waveforms"):  # Whisper: segments, per-file long-form
+        from speechrt.cli.whisper import run_whisper
+
+        return run_whisper(model, items, args)
+    if args.format in ("srt", "vtt", "tsv"):
+        raise speechrt.SpeechrtError(
+            f"--format {args.format} needs segment timestamps, which only Whisper models give"
+        )
     kwargs = decode_kwargs(args)
     model._options(**kwargs)  # validate options before touching audio
     t1 = time.perf_counter()

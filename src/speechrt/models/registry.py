@@ -42,7 +42,11 @@ def load_model(path, device=None, dtype=None):
             raise ModelFormatError(f"Whisper support is not available: {e}") from None
         if not is_whisper_checkpoint(path):
             raise ModelFormatError(f"{path} is not a Whisper checkpoint")
-        return load_whisper(path, device=device, dtype=dtype)
+        from speechrt.engine.precision import parse_dtype
+
+        return load_whisper(
+            path, device=device, dtype=None if dtype is None else parse_dtype(dtype)
+        )
     try:
         from speechrt.models.conformer_moe import load_conformer_moe
     except ImportError as e:  # pragma: no cover - until the family lands

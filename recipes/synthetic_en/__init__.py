@@ -1,0 +1,1 @@
+"""speechrt's small default English model: espeak-ng data, U2++ training, WeNet export."""

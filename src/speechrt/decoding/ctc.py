@@ -499,7 +499,7 @@ def _finish(beam: _Beam) -> CTCPrefixBeamResult:
 
 def nbest_lists(result: CTCPrefixBeamResult) -> list[list[tuple[list[int], float]]]:
     """Python n-best lists ``[(tokens, score), ...]`` per utterance, best first (syncs once)."""
-    hyps = result.hyps.tolist()
+    hyps = result.hyps.tolist()  # sync-ok: once, after the search
     lens = result.hyp_lengths.tolist()
     scores = result.scores.double().tolist()
     counts = result.count.tolist()

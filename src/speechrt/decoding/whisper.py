@@ -140,7 +140,7 @@ def detect_language(
     masked = torch.full_like(logits, float("-inf"))
     masked[:, allowed] = logits[:, allowed]
     tokens = masked.argmax(dim=-1)  # (A,)
-    probs = masked.softmax(dim=-1)[:, allowed].tolist()  # (A, n_languages)
+    probs = masked.softmax(dim=-1)[:, allowed].tolist()  # (A, n_languages) sync-ok: once
     codes = tokenizer.all_language_codes
     return tokens, [dict(zip(codes, row)) for row in probs]
 
@@ -252,7 +252,7 @@ class WindowDecoder:
             length += 1
             if length > self.n_ctx or stop(search.done):
                 break
-        return search, length, no_speech.tolist()
+        return search, length, no_speech.tolist()  # sync-ok: after the step loop
 
     def _result(self, ids, logprob, language, no_speech, language_probs, a) -> WindowResult:
         text = self.tokenizer.decode(ids).strip()

@@ -54,7 +54,7 @@ class GreedySearch:
 
     def finalize(self, tokens: Tensor, length: int, group: int) -> Candidates:
         """Per audio, the ``group`` rows of tokens[:, :length] (EOT appended) and log-probs."""
-        rows = tokens[:, :length].tolist()
+        rows = tokens[:, :length].tolist()  # sync-ok: finalize, after the loop
         scores = self.sum_logprobs.tolist()
         n_audio = len(rows) // group
         return [

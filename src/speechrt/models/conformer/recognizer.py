@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from speechrt.api import DecodeOptions, Model
 from speechrt.decoding.attention import attention_beam_search
-from speechrt.decoding.ctc import ctc_greedy_search, ctc_prefix_beam_search
+from speechrt.decoding.ctc import ctc_greedy_search, ctc_prefix_beam_search, nbest_lists
 from speechrt.decoding.rescoring import decoder_inputs, rescoring_scores
 from speechrt.errors import UnsupportedOptionError
 from speechrt.models.conformer.model import ConformerASR
@@ -188,10 +189,10 @@ class WenetModel(Model):
         else:
             beam = ctc_prefix_beam_search(logp, enc_lens, opts.beam_size, cfg.blank)
         if opts.method == "ctc_prefix_beam_search":
-            return _nbest(beam.hyps, beam.hyp_lengths, beam.scores)
+            return nbest_lists(beam)
         # Hypotheses are stored T' wide; the decoder only needs the longest one.
         width = max(int(beam.hyp_lengths.max()), 1)  # sync-ok: once per batch, not per step
-        beam = type(beam)(**{**beam.__dict__, "hyps": beam.hyps[..., :width].contiguous()})
+        beam = replace(beam, hyps=beam.hyps[..., :width].contiguous())
         l2r, r2l = self._rescoring_log_probs(enc, enc_lens, beam, opts.reverse_weight > 0)
         res = rescoring_scores(
             l2r,
@@ -204,11 +205,13 @@ class WenetModel(Model):
             opts.reverse_weight,
         )
         order = torch.argsort(res.scores, dim=-1, descending=True, stable=True)
-        return _nbest(
-            torch.gather(beam.hyps, 1, order.unsqueeze(-1).expand_as(beam.hyps)),
-            torch.gather(beam.hyp_lengths, 1, order),
-            torch.gather(res.scores, 1, order),
-        )
+        ranked = replace(
+            beam,
+            hyps=torch.gather(beam.hyps, 1, order.unsqueeze(-1).expand_as(beam.hyps)),
+            hyp_lengths=torch.gather(beam.hyp_lengths, 1, order),
+            scores=torch.gather(res.scores, 1, order),
+        )  # absent hypotheses score -inf and stay behind the ``count`` real ones
+        return nbest_lists(ranked)
 
     def _rescoring_log_probs(self, enc, enc_lens, beam, with_r2l: bool):
         if self.engine is None:
@@ -293,19 +296,3 @@ class WenetModel(Model):
                 Transcript(self.symbols.detokenize(tokens), tuple(tokens), score, timings=timings)
             )
         return out
-
-
-def _nbest(
-    hyps: torch.Tensor, lengths: torch.Tensor, scores: torch.Tensor
-) -> list[list[tuple[list[int], float]]]:
-    """(B, W, L) padded n-best -> Python lists, absent hypotheses dropped (one host copy)."""
-    hyps, lengths, scores = hyps.cpu(), lengths.cpu(), scores.cpu()
-    out = []
-    for b in range(hyps.shape[0]):
-        row = []
-        for w in range(hyps.shape[1]):
-            n = int(lengths[b, w])
-            if n >= 0 and scores[b, w] > float("-inf"):
-                row.append((hyps[b, w, :n].tolist(), float(scores[b, w])))
-        out.append(row)
-    return out

@@ -21,14 +21,19 @@ def sinusoid_table(length: int, dim: int, device=None, dtype=torch.float32) -> t
     key = (length, dim, str(device), dtype)
     table = _CACHE.get(key)
     if table is None:
-        pos = torch.arange(0, length, dtype=torch.float32).unsqueeze(1)
-        div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim))
-        pe = torch.zeros(length, dim, dtype=torch.float32)
-        pe[:, 0::2] = torch.sin(pos * div)
-        pe[:, 1::2] = torch.cos(pos * div)
-        table = pe.to(device=device, dtype=dtype)
+        with torch.inference_mode(False):  # a cached table must stay usable by autograd (training)
+            table = _build(length, dim, device, dtype)
         _CACHE[key] = table
     return table
+
+
+def _build(length: int, dim: int, device, dtype) -> torch.Tensor:
+    pos = torch.arange(0, length, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, dtype=torch.float32)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)
+    return pe.to(device=device, dtype=dtype)
 
 
 def positions(offset: int, size: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -110,6 +110,9 @@ def test_bad_files_are_reported_and_the_rest_transcribed(tmp_path, capsys):
     sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
     text = tmp_path / "notes.txt"
     text.write_text("not audio")
+    too_long = tmp_path / "too_long.wav"  # the demo model (conv2d6) accepts at most 300 s
+    noise = np.random.default_rng(0).integers(-3000, 3000, 16000 * 301, dtype=np.int16)
+    sf.write(too_long, noise, 16000, subtype="PCM_16")
     missing = tmp_path / "missing.wav"
     code, out, err = run(
         capsys,
@@ -124,12 +127,13 @@ def test_bad_files_are_reported_and_the_rest_transcribed(tmp_path, capsys):
         str(silent),
         str(text),
         str(missing),
+        str(too_long),
     )
     assert code == 1
     assert [ln.split("\t")[0] for ln in out.splitlines()] == [WAV1]
-    for f in (corrupt, empty, silent, text, missing):
+    for f in (corrupt, empty, silent, text, missing, too_long):
         _one_error_line(err, f.name)
-    assert "silent" in err and "empty" in err
+    assert "silent" in err and "empty" in err and "limit is 300.0 s" in err
 
 
 @pytest.mark.parametrize(

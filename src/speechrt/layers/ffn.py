@@ -1,4 +1,4 @@
-"""Position-wise feed-forward network (Linear -> activation -> Linear)."""
+"""Position-wise feed-forward networks: plain (Linear -> activation -> Linear) and gated (GLU)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,20 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.act(self.w1(x)))
+
+
+class GatedFeedForward(nn.Module):
+    """GLU-variant FFN (WeNet's ``GatedVariantsMLP``): ``down(act(gate(x)) * up(x))``.
+
+    (B, T, D) -> (B, T, D); ``gate`` never has a bias, ``up``/``down`` have one when ``bias``.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str = "gelu", bias: bool = True):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_hidden, bias=False)
+        self.up = nn.Linear(d_model, d_hidden, bias=bias)
+        self.act = make_activation(activation)
+        self.down = nn.Linear(d_hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))

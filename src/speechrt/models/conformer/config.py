@@ -33,14 +33,10 @@ _UNIMPLEMENTED_DEFAULTS: dict[str, Any] = {
     "key_bias": True,
     "value_bias": True,
     "conv_bias": True,
-    "mlp_bias": True,
     "layer_norm_type": "layer_norm",
     "norm_eps": 1e-5,
     "n_kv_head": None,
     "head_dim": None,
-    "mlp_type": "position_wise_feed_forward",
-    "n_expert": 8,
-    "n_expert_activated": 2,
     "selfattention_layer_type_decoder": "selfattn",
     "tie_word_embedding": False,
     "src_attention": True,
@@ -50,6 +46,45 @@ _UNIMPLEMENTED_DEFAULTS: dict[str, Any] = {
     "final_norm": True,
     "positional_encoding_layer_type": "abs_pos",
 }
+
+
+MLP_TYPES = ("position_wise_feed_forward", "moe", "gated")
+# Activations the MoE experts run (speechrt.kernels.moe); WeNet also offers tanh, selu, hardtanh.
+_MOE_ACTIVATIONS = ("swish", "silu", "relu", "gelu")
+
+
+@dataclass(frozen=True)
+class MlpConfig:
+    """WeNet's feed-forward choice (``mlp_type`` and its knobs), shared by encoder and decoder.
+
+    position_wise_feed_forward: ``w_2(act(w_1 x))``; gated: ``w_2(act(gate x) * w_1 x)`` (gate
+    without bias); moe: ``n_expert`` position-wise experts, ``n_expert_activated`` per frame,
+    weighted by the softmax of their router logits. ``bias``: WeNet's ``mlp_bias`` (w_1, w_2).
+    """
+
+    kind: str = "position_wise_feed_forward"
+    bias: bool = True
+    n_expert: int = 8
+    n_expert_activated: int = 2
+    activation: str = "swish"
+
+    def __post_init__(self):
+        if self.kind not in MLP_TYPES:
+            raise UnsupportedOptionError(
+                f"mlp_type '{self.kind}' is not supported ({', '.join(MLP_TYPES)})"
+            )
+        if self.kind != "moe":
+            return
+        if not 1 <= self.n_expert_activated <= self.n_expert:
+            raise ModelFormatError(
+                f"mlp_type moe needs 1 <= n_expert_activated ({self.n_expert_activated}) "
+                f"<= n_expert ({self.n_expert})"
+            )
+        if self.activation not in _MOE_ACTIVATIONS:
+            raise UnsupportedOptionError(
+                f"mlp_type moe with activation '{self.activation}' is not supported "
+                f"({', '.join(_MOE_ACTIVATIONS)})"
+            )
 
 
 def _check_keys(section: str, conf: dict, known: set[str]) -> None:
@@ -92,8 +127,14 @@ class EncoderConfig:
     # Which subsampled frames of a padded batch count as valid (see layers.subsampling):
     # "full_window" (WeNet) or "first_frame" (3M-ASR).
     subsampling_mask: str = "full_window"
+    # The feed-forward of every block (macaron and second FFN alike): see MlpConfig.
+    mlp_type: str = "position_wise_feed_forward"
+    mlp_bias: bool = True
+    n_expert: int = 8
+    n_expert_activated: int = 2
 
     def __post_init__(self):
+        _ = self.mlp  # validates the feed-forward options
         if self.kind not in ("conformer", "transformer"):
             raise UnsupportedOptionError(
                 f"encoder '{self.kind}' is not supported (conformer, transformer)"
@@ -125,6 +166,10 @@ class EncoderConfig:
             )
 
     @property
+    def mlp(self) -> MlpConfig:
+        return _mlp(self)
+
+    @property
     def macaron(self) -> bool:
         return self.kind == "conformer" and self.macaron_style
 
@@ -151,14 +196,29 @@ class DecoderConfig:
     r_num_blocks: int = 0
     normalize_before: bool = True
     activation_type: str = "relu"
+    mlp_type: str = "position_wise_feed_forward"
+    mlp_bias: bool = True
+    n_expert: int = 8
+    n_expert_activated: int = 2
+
+    @property
+    def mlp(self) -> MlpConfig:
+        return _mlp(self)
 
     def __post_init__(self):
+        _ = self.mlp  # validates the feed-forward options
         if self.kind not in ("transformer", "bitransformer"):
             raise UnsupportedOptionError(
                 f"decoder '{self.kind}' is not supported (transformer, bitransformer)"
             )
         if self.kind == "bitransformer" and self.r_num_blocks <= 0:
             raise ModelFormatError("bitransformer decoder needs r_num_blocks > 0")
+
+
+def _mlp(cfg: EncoderConfig | DecoderConfig) -> MlpConfig:
+    return MlpConfig(
+        cfg.mlp_type, cfg.mlp_bias, cfg.n_expert, cfg.n_expert_activated, cfg.activation_type
+    )
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from speechrt.layers.attention import MultiHeadAttention, attend
-from speechrt.layers.ffn import FeedForward
 from speechrt.layers.masks import AttentionSpec
 from speechrt.layers.positional import positions
 from speechrt.models.conformer.config import DecoderConfig
+from speechrt.models.conformer.encoder import make_mlp
 
 LN_EPS = 1e-5
 
@@ -27,7 +27,7 @@ class DecoderLayer(nn.Module):
         self.normalize_before = cfg.normalize_before
         self.self_attn = MultiHeadAttention(d, cfg.attention_heads)
         self.cross_attn = MultiHeadAttention(d, cfg.attention_heads)
-        self.ff = FeedForward(d, cfg.linear_units, cfg.activation_type)
+        self.ff = make_mlp(d, cfg.linear_units, cfg.mlp)
         self.norm1 = nn.LayerNorm(d, eps=LN_EPS)
         self.norm2 = nn.LayerNorm(d, eps=LN_EPS)
         self.norm3 = nn.LayerNorm(d, eps=LN_EPS)

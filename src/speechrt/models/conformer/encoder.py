@@ -5,6 +5,8 @@ input layer scales by sqrt(d) for rel_pos/abs_pos; each block is pre-norm (``nor
 macaron FFNs are scaled by 0.5, a Conformer block ends with ``norm_final``; the encoder ends with
 ``after_norm``. Block and final LayerNorms use ``cfg.norm_eps`` (1e-5 in WeNet).
 
+Both feed-forwards of a block (macaron and second) are built by :func:`make_mlp` from WeNet's
+``mlp_type`` (position-wise, gated, or MoE), as WeNet builds both from one ``mlp_class``.
 Variants swap the second (post-conv) feed-forward: ``Encoder(cfg, input_dim, ff_factory=f)`` builds
 it with ``f(cfg)``; ``forward(..., ff_context=c)`` then calls it as ``ff(x, c)`` (e.g. the
 Conformer-MoE's router side input), without ``ff_context`` as ``ff(x)``.
@@ -20,13 +22,37 @@ from torch import nn
 
 from speechrt.layers.attention import MultiHeadAttention
 from speechrt.layers.conv_module import ConvModule
-from speechrt.layers.ffn import FeedForward
+from speechrt.layers.ffn import FeedForward, GatedFeedForward
 from speechrt.layers.masks import AttentionSpec
 from speechrt.layers.positional import positions
 from speechrt.layers.subsampling import Subsampling
-from speechrt.models.conformer.config import EncoderConfig
+from speechrt.models.conformer.config import EncoderConfig, MlpConfig
 
 LN_EPS = 1e-5
+
+
+def make_mlp(d_model: int, d_hidden: int, mlp: MlpConfig) -> nn.Module:
+    """The feed-forward WeNet's ``mlp_type`` names, (..., D) -> (..., D).
+
+    moe is WeNet's ``MoEFFNLayer``: a bias-free router, the top ``n_expert_activated`` experts by
+    logit, weighted by the softmax over those selected logits (= the full softmax renormalised
+    over them, :class:`~speechrt.layers.moe.MoEFeedForward` ``renormalize=True``).
+    """
+    if mlp.kind == "gated":
+        return GatedFeedForward(d_model, d_hidden, mlp.activation, mlp.bias)
+    if mlp.kind == "moe":
+        from speechrt.layers.moe import MoEFeedForward  # imports Triton: only for MoE models
+
+        return MoEFeedForward(
+            d_model,
+            d_hidden,
+            mlp.n_expert,
+            top_k=mlp.n_expert_activated,
+            renormalize=True,
+            activation=mlp.activation,
+            bias=mlp.bias,
+        )
+    return FeedForward(d_model, d_hidden, mlp.activation, mlp.bias)
 
 
 class EncoderBlock(nn.Module):
@@ -40,7 +66,7 @@ class EncoderBlock(nn.Module):
         self.ff_scale = 0.5 if cfg.macaron else 1.0
         self.ff_macaron = None
         if cfg.macaron:
-            self.ff_macaron = FeedForward(d, cfg.linear_units, cfg.activation_type)
+            self.ff_macaron = make_mlp(d, cfg.linear_units, cfg.mlp)
             self.norm_ff_macaron = nn.LayerNorm(d, eps=eps)
         self.attn = MultiHeadAttention(d, cfg.attention_heads, rel_pos=cfg.rel_attention)
         self.norm_attn = nn.LayerNorm(d, eps=eps)
@@ -51,7 +77,7 @@ class EncoderBlock(nn.Module):
             )
             self.norm_conv = nn.LayerNorm(d, eps=eps)
             self.norm_final = nn.LayerNorm(d, eps=eps)
-        self.ff = ff if ff is not None else FeedForward(d, cfg.linear_units, cfg.activation_type)
+        self.ff = ff if ff is not None else make_mlp(d, cfg.linear_units, cfg.mlp)
         self.norm_ff = nn.LayerNorm(d, eps=eps)
 
     def _sublayer(self, x, norm, fn, scale=1.0):

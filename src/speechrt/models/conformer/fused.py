@@ -47,7 +47,18 @@ def supports_fused(net: ConformerASR) -> str | None:
         return "the fused encoder needs rel_pos + rel_selfattn"
     if enc.activation_type not in _ACT:
         return f"activation {enc.activation_type} has no fused path"
+    dense = ("position_wise_feed_forward", True)
+    if (enc.mlp_type, enc.mlp_bias) != dense:
+        return (
+            f"the fused encoder covers biased position-wise FFNs, not mlp_type "
+            f"{enc.mlp_type} with mlp_bias {enc.mlp_bias}"
+        )
     dec = net.cfg.decoder
+    if dec is not None and (dec.mlp_type, dec.mlp_bias) != dense:
+        return (
+            f"the fused decoder covers biased position-wise FFNs, not mlp_type "
+            f"{dec.mlp_type} with mlp_bias {dec.mlp_bias}"
+        )
     if dec is not None and (not dec.normalize_before or dec.activation_type not in _ACT):
         return "the fused decoder needs pre-norm layers with relu/swish/gelu FFNs"
     return None

@@ -81,13 +81,12 @@ def test_batched_equals_single(capsys):
 
 
 def test_wav_scp_and_streaming(tmp_path, capsys):
+    """Streaming through the CLI gives the API's simulate_streaming tokens."""
+    import speechrt
+
     scp = tmp_path / "wav.scp"
     scp.write_text(f"utt1 {REPO / WAV1}\nutt2 {REPO / WAV2}\n")
-    code, out, err = run(
-        capsys,
-        "transcribe",
-        "--model",
-        MODEL,
+    args = [
         "--chunk-size",
         "8",
         "--simulate-streaming",
@@ -95,10 +94,24 @@ def test_wav_scp_and_streaming(tmp_path, capsys):
         "attention",
         "--beam-size",
         "3",
-        str(scp),
+    ]
+    code, out, err = run(
+        capsys, "transcribe", "--model", MODEL, "--format", "jsonl", *args, str(scp)
     )
     assert code == 0, err
-    assert [ln.split("\t")[0] for ln in out.splitlines()] == ["utt1", "utt2"]
+    recs = [json.loads(ln) for ln in out.splitlines()]
+    assert [r["key"] for r in recs] == ["utt1", "utt2"]
+    model = speechrt.load_model(MODEL, device="cpu")
+    api = model.transcribe(
+        [WAV1, WAV2],
+        method="attention",
+        beam_size=3,
+        decoding_chunk_size=8,
+        simulate_streaming=True,
+    )
+    assert [r["tokens"] for r in recs] == [list(t.tokens) for t in api]
+    full = model.transcribe(WAV1, method="attention", beam_size=3)
+    assert recs[0]["tokens"] != list(full.tokens) or recs[0]["score"] != full.score
 
 
 def test_bad_files_are_reported_and_the_rest_transcribed(tmp_path, capsys):
@@ -212,3 +225,79 @@ def test_console_script_has_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("speechrt: error:") and "Traceback" not in proc.stderr
+
+
+def test_short_audio_device_and_option_errors(tmp_path, capsys):
+    short = tmp_path / "short.wav"
+    sf.write(short, 0.1 * np.random.default_rng(0).standard_normal(800).astype(np.float32), 16000)
+    code, out, err = run(capsys, "transcribe", "--model", MODEL, str(short), WAV1)
+    assert code == 1 and out.startswith(WAV1)
+    _one_error_line(err, "short.wav", "at least")
+    for argv, needles in (
+        (["--device", "gpu"], ["device"]),
+        (["--device", "cuda:7"], ["cuda:7"]),
+        (["--language", "en"], ["--language", "Whisper"]),
+        (["--method", "attention", "--beam-size", "61"], ["beam_size", "vocabulary"]),
+    ):
+        code, _, err = run(capsys, "transcribe", "--model", MODEL, *argv, WAV1)
+        assert code == 2
+        _one_error_line(err, *needles)
+
+
+def test_scp_relative_to_list_and_output_dir(tmp_path, capsys, monkeypatch):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "a.wav").write_bytes((REPO / WAV1).read_bytes())
+    (tmp_path / "a.wav").write_bytes(b"not audio: must not be picked from the cwd")
+    (lists / "rel.scp").write_text("utt a.wav\n")
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "out"
+    code, out, err = run(
+        capsys,
+        "transcribe",
+        "--model",
+        str(REPO / MODEL),
+        "--format",
+        "jsonl",
+        "--output-dir",
+        str(out_dir),
+        str(lists / "rel.scp"),
+    )
+    assert code == 0, err
+    assert out == ""
+    rec = json.loads((out_dir / "a.jsonl").read_text())
+    assert rec["key"] == "utt" and rec["path"] == str(lists / "a.wav")
+
+
+def test_eval_bad_options_and_report_path(tmp_path, capsys):
+    scp = tmp_path / "wav.scp"
+    scp.write_text(f"a {REPO / WAV1}\n")
+    text = tmp_path / "text"
+    text.write_text("a 甚至出现交易几乎停滞的情况\n")
+    try:
+        code = main(
+            ["eval", "--model", MODEL, "--data", str(scp), "--text", str(text), "--batch-size", "0"]
+        )
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    _one_error_line(capsys.readouterr().err, "--batch-size")
+    code, _, err = run(
+        capsys,
+        "eval",
+        "--model",
+        MODEL,
+        "--data",
+        str(scp),
+        "--text",
+        str(text),
+        "--report",
+        str(tmp_path / "no" / "such" / "dir" / "r.json"),
+    )
+    assert code == 2
+    _one_error_line(err, "report")
+    bad = tmp_path / "latin1"
+    bad.write_bytes("a caf\xe9\n".encode("latin-1"))
+    code, _, err = run(capsys, "eval", "--model", MODEL, "--data", str(scp), "--text", str(bad))
+    assert code == 2
+    _one_error_line(err, "UTF-8")

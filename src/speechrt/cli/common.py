@@ -39,7 +39,7 @@ def add_decode_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the encoder chunk by chunk with caches (needs --chunk-size > 0)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
 
 
 def decode_kwargs(args: argparse.Namespace) -> dict:
@@ -54,21 +54,42 @@ def decode_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file, or a one-line error naming it."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise SpeechrtError(f"{path} is not UTF-8 text") from None
+    except OSError as e:
+        raise SpeechrtError(f"cannot read {path}: {e.strerror}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def read_scp(path: str | Path) -> list[tuple[str, str]]:
     """WeNet ``wav.scp``: ``<key> <path>`` per line -> [(key, path)]."""
     path = Path(path)
     if not path.is_file():
         raise SpeechrtError(f"list file not found: {path}")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         parts = line.split(maxsplit=1)
         if len(parts) != 2:
             raise SpeechrtError(f"{path}:{n}: expected '<key> <audio path>', got {line!r}")
         key, wav = parts[0], parts[1].strip()
-        if not Path(wav).is_absolute() and not Path(wav).exists():
-            wav = str(path.parent / wav)  # relative to the list file
+        if not Path(wav).is_absolute():
+            wav = str(path.parent / wav)  # relative entries are relative to the list file
         items.append((key, wav))
     return items
 
@@ -100,7 +121,7 @@ def load_all(model, items: list[tuple[str, str]], progress: bool):
     return good, failed
 
 
-EXIT_PARTIAL_CODE = 1
+EXIT_PARTIAL_CODE = 1  # some inputs failed, the others were processed
 
 
 def progress_enabled(n_items: int) -> bool:

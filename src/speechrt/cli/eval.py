@@ -14,10 +14,11 @@ from speechrt.cli.common import (
     decode_kwargs,
     load_all,
     progress_enabled,
+    read_lines,
     read_scp,
 )
 from speechrt.cli.transcribe import recognize
-from speechrt.errors import SpeechrtError
+from speechrt.errors import AudioError, SpeechrtError
 
 
 def add_parser(sub) -> None:
@@ -41,11 +42,23 @@ def read_text(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise SpeechrtError(f"reference text file not found: {path}")
     refs = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_lines(path):
         if line.strip():
             parts = line.split(maxsplit=1)
             refs[parts[0]] = parts[1] if len(parts) > 1 else ""
     return refs
+
+
+def _whisper_texts(model, items, kwargs):
+    keys, texts, failed = [], [], 0
+    for key, path in items:
+        try:
+            texts.append(model.transcribe(path, **kwargs).text.strip())
+            keys.append(key)
+        except AudioError as e:
+            failed += 1
+            sys.stderr.write(f"speechrt: error: {e}\n")
+    return keys, texts, failed
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,13 +73,17 @@ def run(args: argparse.Namespace) -> int:
             f"{len(missing)} key(s) of {args.data} have no reference, e.g. {missing[0]}"
         )
     model = speechrt.load_model(args.model, device=args.device, dtype=args.dtype)
-    kwargs = decode_kwargs(args)
-    model._options(**kwargs)
-    progress = progress_enabled(len(items))
-    loaded, failed = load_all(model, items, progress)
-    results = recognize(model, loaded, kwargs, args.batch_size, progress) if loaded else []
-    keys = [k for k, _, _ in loaded]
-    rep = report(keys, [refs[k] for k in keys], [tr.text for tr in results], unit=args.unit)
+    if hasattr(model, "transcribe_waveforms"):
+        kwargs = decode_kwargs(args)
+        model._options(**kwargs)
+        progress = progress_enabled(len(items))
+        loaded, failed = load_all(model, items, progress)
+        results = recognize(model, loaded, kwargs, args.batch_size, progress) if loaded else []
+        keys, texts = [k for k, _, _ in loaded], [tr.text for tr in results]
+    else:  # Whisper: long-form, one file at a time
+        kwargs = {} if args.beam_size is None else {"beam_size": args.beam_size}
+        keys, texts, failed = _whisper_texts(model, items, kwargs)
+    rep = report(keys, [refs[k] for k in keys], texts, unit=args.unit)
     rep["model"] = str(args.model)
     rep["decode"] = kwargs
     rep["failed_files"] = failed
@@ -78,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
     )
     text = json.dumps(rep, ensure_ascii=False, indent=2)
     if args.report:
-        Path(args.report).write_text(text + "\n", encoding="utf-8")
+        try:
+            Path(args.report).write_text(text + "\n", encoding="utf-8")
+        except OSError as e:
+            raise SpeechrtError(f"cannot write the report {args.report}: {e.strerror}") from None
     else:
         print(text)
     return EXIT_PARTIAL_CODE if failed else 0

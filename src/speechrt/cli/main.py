@@ -12,7 +12,6 @@ import sys
 from speechrt.errors import SpeechrtError
 
 EXIT_USAGE = 2
-EXIT_PARTIAL = 1
 
 
 class _Parser(argparse.ArgumentParser):

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from speechrt.cli.common import (
     EXIT_PARTIAL_CODE,
@@ -16,6 +17,7 @@ from speechrt.cli.common import (
     load_all,
     progress_enabled,
 )
+from speechrt.errors import SpeechrtError
 
 
 def add_parser(sub) -> None:
@@ -47,19 +49,13 @@ def add_parser(sub) -> None:
 
 
 def recognize(model, loaded, kwargs: dict, batch_size: int, progress: bool):
-    """Batched recognition of loaded inputs, longest first. Returns transcripts in input order."""
+    """Batched recognition of loaded inputs (longest first); transcripts in input order."""
     from tqdm import tqdm
 
-    order = sorted(range(len(loaded)), key=lambda i: -loaded[i][2].shape[-1])
-    out = [None] * len(loaded)
-    bar = tqdm(total=len(loaded), desc="decoding", unit="file", disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        for i, tr in zip(idx, model.transcribe_waveforms([loaded[i][2] for i in idx], **kwargs)):
-            out[i] = tr
-        bar.update(len(idx))
-    bar.close()
-    return out
+    with tqdm(
+        total=len(loaded), desc="decoding", unit="file", disable=not progress, leave=False
+    ) as bar:
+        return model.recognize([w for _, _, w in loaded], batch_size, bar.update, **kwargs)
 
 
 def _record(key: str, path: str, tr) -> dict:
@@ -73,11 +69,27 @@ def _record(key: str, path: str, tr) -> dict:
     }
 
 
+def _line(record: dict, fmt: str) -> str:
+    if fmt == "jsonl":
+        return json.dumps(record, ensure_ascii=False)
+    return f"{record['key']}\t{record['text']}"
+
+
+def write_outputs(out_dir: Path, records: list[dict], fmt: str) -> None:
+    """One ``<name>.<format>`` file per input in ``out_dir`` (``.txt`` for text)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for r in records:
+            ext = "txt" if fmt == "text" else fmt
+            body = json.dumps(r, ensure_ascii=False, indent=2) if fmt == "json" else _line(r, fmt)
+            (out_dir / f"{Path(r['path']).stem}.{ext}").write_text(body + "\n", encoding="utf-8")
+    except OSError as e:
+        raise SpeechrtError(f"cannot write to {out_dir}: {e.strerror}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import speechrt
 
-    if args.batch_size < 1:
-        raise speechrt.SpeechrtError(f"--batch-size must be >= 1, got {args.batch_size}")
     items = expand_inputs(args.files)
     t0 = time.perf_counter()
     model = speechrt.load_model(args.model, device=args.device, dtype=args.dtype)
@@ -89,6 +101,17 @@ def run(args: argparse.Namespace) -> int:
         raise speechrt.SpeechrtError(
             f"--format {args.format} needs segment timestamps, which only Whisper models give"
         )
+    whisper_only = [
+        f
+        for f, on in (
+            ("--language", args.language),
+            ("--task translate", args.task != "transcribe"),
+            ("--word-timestamps", args.word_timestamps),
+        )
+        if on
+    ]
+    if whisper_only:
+        raise speechrt.SpeechrtError(f"{whisper_only[0]} applies to Whisper models only")
     kwargs = decode_kwargs(args)
     model._options(**kwargs)  # validate options before touching audio
     t1 = time.perf_counter()
@@ -98,14 +121,13 @@ def run(args: argparse.Namespace) -> int:
     results = recognize(model, loaded, kwargs, args.batch_size, progress) if loaded else []
     t3 = time.perf_counter()
     records = [_record(k, p, tr) for (k, p, _), tr in zip(loaded, results)]
-    if args.format == "json":
+    if args.output_dir:
+        write_outputs(Path(args.output_dir), records, args.format)
+    elif args.format == "json":
         print(json.dumps(records, ensure_ascii=False, indent=2))
     else:
         for r in records:
-            if args.format == "jsonl":
-                print(json.dumps(r, ensure_ascii=False))
-            else:
-                print(f"{r['key']}\t{r['text']}")
+            print(_line(r, args.format))
     if args.timings:
         audio = sum(r["timings"]["audio_s"] for r in records)
         sys.stderr.write(

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from speechrt.cli.common import EXIT_PARTIAL_CODE
 from speechrt.errors import AudioError, SpeechrtError
 
 
@@ -74,4 +75,4 @@ def run_whisper(model, items: list[tuple[str, str]], args) -> int:
                 print(text)
     if args.format == "json":
         print(json.dumps([_record(k, p, t) for k, p, t in records], ensure_ascii=False, indent=2))
-    return 1 if failed else 0
+    return EXIT_PARTIAL_CODE if failed else 0

@@ -79,12 +79,12 @@ class ConformerEngine:
         padded frames lie beyond ``lengths`` and are never read by the search.
         """
         b, t, v = log_probs.shape
-        tb = -(-t // 16) * 16
-        if tb != t:
-            log_probs = torch.cat([log_probs, log_probs.new_zeros(b, tb - t, v)], dim=1)
+        bb, tb = self.buckets.batch(b), _round_up(t, 16)
+        # Padded rows have length 0: the search leaves them empty.
+        log_probs, lengths = pad_to(log_probs, lengths, bb, tb)
         self._beam = (beam_size, blank)
-        res = self._ctc_graphs((b, tb, v, beam_size, blank), log_probs.contiguous(), lengths)
-        return type(res)(*(x.clone() for x in res.__dict__.values()))
+        res = self._ctc_graphs((bb, tb, v, beam_size, blank), log_probs.contiguous(), lengths)
+        return type(res)(*(x[:b].clone() for x in res.__dict__.values()))
 
     # ------------------------------------------------------------------ rescoring decoder
     def _rescore_step(self, memory, memory_lengths, l2r_in, r2l_in, in_lengths):
@@ -101,11 +101,27 @@ class ConformerEngine:
         """Decoder inputs (B, W, L) -> float32 log-probs (B, W, L, V) (and R2L if asked)."""
         self._with_r2l = bool(with_r2l and self.r2l is not None)
         b, w, l = l2r_in.shape
-        lb = l if l <= 8 else -(-l // 8) * 8  # decoder length buckets: steps of 8 tokens
-        if lb != l:
-            pad = l2r_in.new_zeros(b, w, lb - l)
-            l2r_in = torch.cat([l2r_in, pad], dim=2)
-            r2l_in = torch.cat([r2l_in, pad], dim=2)
-        key = ("resc", b, w, lb, memory.shape[1], self._with_r2l)
-        l2r, r2l = self._dec_graphs(key, memory.float(), memory_lengths, l2r_in, r2l_in, in_lengths)
-        return l2r[:, :, :l].clone(), None if r2l is None else r2l[:, :, :l].clone()
+        # Buckets: batch as the encoder's, memory frames and tokens in steps of 16 and 8. Padded
+        # utterances get one memory frame and a one-token input so that no row is empty.
+        bb, tm = self.buckets.batch(b), _round_up(memory.shape[1], 16)
+        lb = l if l <= 8 else _round_up(l, 8)
+        memory, memory_lengths = pad_to(memory.float(), memory_lengths, bb, tm)
+        memory_lengths = memory_lengths.clamp(min=1)
+        l2r_in, r2l_in = (_pad_tokens(x, bb, lb) for x in (l2r_in, r2l_in))
+        in_lengths = (
+            torch.cat([in_lengths, in_lengths.new_ones(bb - b, w)]) if bb > b else in_lengths
+        )
+        key = ("resc", bb, w, lb, tm, self._with_r2l)
+        l2r, r2l = self._dec_graphs(key, memory, memory_lengths, l2r_in, r2l_in, in_lengths)
+        return l2r[:b, :, :l].clone(), None if r2l is None else r2l[:b, :, :l].clone()
+
+
+def _round_up(n: int, step: int) -> int:
+    return max(step, -(-n // step) * step)
+
+
+def _pad_tokens(tokens: torch.Tensor, b: int, length: int) -> torch.Tensor:
+    """(B0, W, L0) token ids -> (b, W, length), zero-padded."""
+    out = tokens.new_zeros(b, tokens.shape[1], length)
+    out[: tokens.shape[0], :, : tokens.shape[2]] = tokens
+    return out

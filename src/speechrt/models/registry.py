@@ -28,8 +28,32 @@ def detect_format(path: str | Path) -> str:
     raise ModelFormatError(f"{p} is not a model speechrt knows (a directory or a Whisper .pt)")
 
 
+def check_device(device) -> None:
+    """Raise a one-line error for a device this machine cannot use (None = pick automatically)."""
+    import torch
+
+    from speechrt.errors import UnsupportedOptionError
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UnsupportedOptionError(f"unknown device '{device}' (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UnsupportedOptionError(f"device '{device}' requested but no CUDA GPU is visible")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UnsupportedOptionError(
+                f"device '{device}' does not exist ({torch.cuda.device_count()} GPU(s) visible)"
+            )
+    elif dev.type != "cpu":
+        raise UnsupportedOptionError(f"device '{device}' is not supported (cpu, cuda, cuda:N)")
+
+
 def load_model(path, device=None, dtype=None):
     """``speechrt.load_model``: detect the format and load."""
+    check_device(device)
     fmt = detect_format(path)
     if fmt == "wenet":
         from speechrt.models.conformer import load_wenet

@@ -13,7 +13,7 @@ from speechrt.api import DecodeOptions, Model
 from speechrt.decoding.attention import attention_beam_search
 from speechrt.decoding.ctc import ctc_greedy_search, ctc_prefix_beam_search, nbest_lists
 from speechrt.decoding.rescoring import decoder_inputs, rescoring_scores
-from speechrt.errors import UnsupportedOptionError
+from speechrt.errors import AudioError, UnsupportedOptionError
 from speechrt.models.conformer.model import ConformerASR
 from speechrt.models.conformer.tokenizer import SymbolTable
 from speechrt.results import Transcript
@@ -46,6 +46,16 @@ class WenetModel(Model):
 
     # ------------------------------------------------------------------ limits and options
     @property
+    def min_frames(self) -> int:
+        """Fewest fbank frames that give one encoder frame (the subsampling's receptive field)."""
+        return self.net.encoder.right_context + 1
+
+    @property
+    def min_seconds(self) -> float:
+        """Shortest audio accepted: ``min_frames`` fbank frames."""
+        return (self.cfg.frame_length + (self.min_frames - 1) * self.cfg.frame_shift) / 1000.0
+
+    @property
     def max_seconds(self) -> float:
         """Longest audio accepted for full-attention decoding."""
         rate = self.net.encoder.rate
@@ -57,6 +67,10 @@ class WenetModel(Model):
         if opts.method in ("attention", "attention_rescoring") and self.net.decoder is None:
             raise UnsupportedOptionError(
                 f"method '{opts.method}' needs an attention decoder; this model has none"
+            )
+        if opts.method == "attention" and opts.beam_size > self.cfg.vocab_size:
+            raise UnsupportedOptionError(
+                f"beam_size {opts.beam_size} exceeds the vocabulary ({self.cfg.vocab_size} units)"
             )
         if opts.decoding_chunk_size > 0 and not enc.streamable:
             raise UnsupportedOptionError(
@@ -118,6 +132,11 @@ class WenetModel(Model):
             simulate_streaming=simulate_streaming,
         )
         lengths = lengths.to(self.device)
+        if lengths.numel() and int(lengths.min()) < self.min_frames:  # sync-ok: once per batch
+            raise AudioError(
+                f"an utterance has {int(lengths.min())} fbank frames; this model needs at least "
+                f"{self.min_frames} ({self.min_seconds:.3f} s of audio)"
+            )
         if self.engine is not None and not opts.simulate_streaming and pad_mode == "zero":
             chunk = self.net.encoder.chunk_config(
                 opts.decoding_chunk_size, opts.num_decoding_left_chunks
@@ -231,7 +250,13 @@ class WenetModel(Model):
 
         wav = load_audio(source, sample_rate=sample_rate, target_rate=self.sample_rate)
         name = str(source) if isinstance(source, (str, Path)) else "audio"
-        check_waveform(wav, self.sample_rate, name=name, max_seconds=self.max_seconds)
+        check_waveform(
+            wav,
+            self.sample_rate,
+            name=name,
+            max_seconds=self.max_seconds,
+            min_seconds=self.min_seconds,
+        )
         return wav
 
     def transcribe(
@@ -263,14 +288,29 @@ class WenetModel(Model):
         t0 = time.perf_counter()
         wavs = [self.load_audio(a, sample_rate) for a in items]
         load_s = time.perf_counter() - t0
+        results = self.recognize(wavs, batch_size, **opts)
+        total = sum(w.shape[-1] for w in wavs)
+        for w, tr in zip(wavs, results):
+            tr.timings["load_s"] = load_s * w.shape[-1] / total
+        return results[0] if single else results
+
+    def recognize(
+        self, wavs: Sequence[torch.Tensor], batch_size: int = 16, on_batch=None, **options
+    ) -> list[Transcript]:
+        """Loaded waveforms -> transcripts in input order, batched longest first.
+
+        ``on_batch(n)`` is called after each batch of n inputs (progress bars)."""
+        if batch_size < 1:
+            raise UnsupportedOptionError(f"batch_size must be >= 1, got {batch_size}")
         results: list[Transcript | None] = [None] * len(wavs)
         order = sorted(range(len(wavs)), key=lambda i: -wavs[i].shape[-1])
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            for i, tr in zip(idx, self.transcribe_waveforms([wavs[i] for i in idx], **opts)):
-                tr.timings["load_s"] = load_s * wavs[i].shape[-1] / sum(w.shape[-1] for w in wavs)
+            for i, tr in zip(idx, self.transcribe_waveforms([wavs[i] for i in idx], **options)):
                 results[i] = tr
-        return results[0] if single else results
+            if on_batch is not None:
+                on_batch(len(idx))
+        return results
 
     def transcribe_waveforms(self, wavs: Sequence[torch.Tensor], **options) -> list[Transcript]:
         """Batched recognition of 16 kHz waveforms (already loaded and checked)."""

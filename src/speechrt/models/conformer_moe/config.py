@@ -49,20 +49,39 @@ _ENCODER_FIXED = {"conv_subsample_in_ch": 1, "concat_after": False}
 # Training-only, or ignored by 3M-ASR itself (selfattention_layer_type: rel-pos attention unless
 # no_pos; blank_idx is read separately).
 _ENCODER_IGNORED = {
-    "dropout_rate", "positional_dropout_rate", "attention_dropout_rate",
-    "use_dynamic_left_chunk", "selfattention_layer_type", "blank_idx",
+    "dropout_rate",
+    "positional_dropout_rate",
+    "attention_dropout_rate",
+    "use_dynamic_left_chunk",
+    "selfattention_layer_type",
+    "blank_idx",
 }
 _MOE_ENCODER_EXTRA = {"embed_conf", "moe_conf", "embed_scale", "aux_scale"}
 _MOE_FIELDS = {"num_experts", "hidden_units", "router_with_bias", "keep_expert_output"}
 _MOE_IGNORED = {
-    "dropout_rate", "capacity_factor", "router_regularization", "rand_init_router",
-    "rank", "world_size", "comm", "activation",
+    "dropout_rate",
+    "capacity_factor",
+    "router_regularization",
+    "rand_init_router",
+    "rank",
+    "world_size",
+    "comm",
+    "activation",
 }
-_DECODER_FIELDS = {"attention_heads", "linear_units", "num_blocks", "r_num_blocks",
-                   "normalize_before"}
+_DECODER_FIELDS = {
+    "attention_heads",
+    "linear_units",
+    "num_blocks",
+    "r_num_blocks",
+    "normalize_before",
+}
 _DECODER_FIXED = {"input_layer": "embed", "use_output_layer": True, "concat_after": False}
-_DECODER_IGNORED = {"dropout_rate", "positional_dropout_rate", "self_attention_dropout_rate",
-                    "src_attention_dropout_rate"}
+_DECODER_IGNORED = {
+    "dropout_rate",
+    "positional_dropout_rate",
+    "self_attention_dropout_rate",
+    "src_attention_dropout_rate",
+}
 _MODEL_IGNORED = {"ignore_id", "lsm_weight", "length_normalize_loss"}
 
 
@@ -177,7 +196,11 @@ def _moe_config(conf: dict, num_experts_total: int | None) -> MoEConfig:
     if cfg.expert_world_size > 1:
         logger.info(
             "3M-ASR checkpoint: %d experts per MoE layer = moe_conf.num_experts %d x %d expert "
-            "workers; using all %d", total, per_worker, cfg.expert_world_size, total,
+            "workers; using all %d",
+            total,
+            per_worker,
+            cfg.expert_world_size,
+            total,
         )
     return cfg
 
@@ -210,17 +233,20 @@ def parse_3m_config(
         )
     proto = raw.get("nnet_proto", "conformer_aed_moe_catEmbed")
     if proto not in PROTOS:
-        raise UnsupportedOptionError(
-            f"nnet_proto '{proto}' is not supported ({', '.join(PROTOS)})"
-        )
+        raise UnsupportedOptionError(f"nnet_proto '{proto}' is not supported ({', '.join(PROTOS)})")
     mconf = _section(raw, "model_conf", "config")
     if PROTOS[proto]:  # the AED model: encoder_conf + decoder
-        _check("model_conf", mconf,
-               {"encoder_conf", "decoder_type", "decoder_conf", "ctc_weight", "reverse_weight"}
-               | _MODEL_IGNORED, {})
+        _check(
+            "model_conf",
+            mconf,
+            {"encoder_conf", "decoder_type", "decoder_conf", "ctc_weight", "reverse_weight"}
+            | _MODEL_IGNORED,
+            {},
+        )
         enc_conf = _section(mconf, "encoder_conf", "model_conf")
-        decoder = _decoder_config(mconf.get("decoder_type", "transformer"),
-                                  _section(mconf, "decoder_conf", "model_conf"))
+        decoder = _decoder_config(
+            mconf.get("decoder_type", "transformer"), _section(mconf, "decoder_conf", "model_conf")
+        )
         enc_section = "model_conf.encoder_conf"
     else:  # the CTC-only encoder: its arguments directly
         enc_conf, decoder, enc_section = mconf, None, "model_conf"
@@ -229,9 +255,11 @@ def parse_3m_config(
     main_conf.pop("linear_units", None)  # unused by the MoE encoder
     encoder = encoder_config(main_conf, enc_section, linear_units=moe.hidden_units)
     embed = encoder_config(
-        _section(enc_conf, "embed_conf", enc_section), f"{enc_section}.embed_conf",
+        _section(enc_conf, "embed_conf", enc_section),
+        f"{enc_section}.embed_conf",
         # 3M-ASR hands the main encoder's chunk mask to the embedding network.
-        use_dynamic_chunk=encoder.use_dynamic_chunk, static_chunk_size=encoder.static_chunk_size,
+        use_dynamic_chunk=encoder.use_dynamic_chunk,
+        static_chunk_size=encoder.static_chunk_size,
     )
     data = _section(raw, "dataset_conf", "config")
     fbank = _section(data, "fbank_conf", "dataset_conf")

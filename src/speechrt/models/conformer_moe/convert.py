@@ -29,10 +29,16 @@ from speechrt.models.conformer_moe.config import ConformerMoEConfig
 _WB = ("weight", "bias")
 _BATCH_NORM = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # Created by 3M-ASR's layers in every model, used only with concat_after (which we reject).
-_UNUSED = (re.compile(r"(.*\.)?blocks\.\d+\.concat_linear\.(weight|bias)$"),
-           re.compile(r"(.*\.)?decoders\.\d+\.concat_linear[12]\.(weight|bias)$"))
-_IDENTITY_BUFFERS = ("encoder.cmvn_mean", "encoder.cmvn_istd",
-                     "encoder.embed.cmvn_mean", "encoder.embed.cmvn_istd")
+_UNUSED = (
+    re.compile(r"(.*\.)?blocks\.\d+\.concat_linear\.(weight|bias)$"),
+    re.compile(r"(.*\.)?decoders\.\d+\.concat_linear[12]\.(weight|bias)$"),
+)
+_IDENTITY_BUFFERS = (
+    "encoder.cmvn_mean",
+    "encoder.cmvn_istd",
+    "encoder.embed.cmvn_mean",
+    "encoder.embed.cmvn_istd",
+)
 
 
 def _add(m: dict[str, str], src: str, dst: str, names=_WB) -> None:
@@ -104,8 +110,12 @@ def _decoder_map(src: str, dst: str, num_blocks: int) -> dict[str, str]:
     for i in range(num_blocks):
         s, d = f"{src}decoders.{i}.", f"{dst}layers.{i}."
         for att_src, att_dst in (("self_attn", "self_attn"), ("src_attn", "cross_attn")):
-            for a, b in (("linear_q", "q"), ("linear_k", "k"), ("linear_v", "v"),
-                         ("linear_out", "out")):
+            for a, b in (
+                ("linear_q", "q"),
+                ("linear_k", "k"),
+                ("linear_v", "v"),
+                ("linear_out", "out"),
+            ):
                 _add(m, f"{s}{att_src}.{a}", f"{d}{att_dst}.{b}")
         _add(m, f"{s}feed_forward.w_1", f"{d}ff.w1")
         _add(m, f"{s}feed_forward.w_2", f"{d}ff.w2")
@@ -118,8 +128,11 @@ def key_map(cfg: ConformerMoEConfig) -> dict[str, str]:
     """The full 3M-ASR -> speechrt key map for a model of this config."""
     p = cfg.key_prefix
     m = _encoder_map(cfg.encoder, p, "encoder.", "ctc", True, cfg.moe.router_with_bias)
-    m.update(_encoder_map(cfg.embed_encoder, f"{p}embed.", "encoder.embed.",
-                          "encoder.embed_ctc", False, False))
+    m.update(
+        _encoder_map(
+            cfg.embed_encoder, f"{p}embed.", "encoder.embed.", "encoder.embed_ctc", False, False
+        )
+    )
     dec = cfg.decoder
     if dec is not None:
         if dec.kind == "bitransformer":

@@ -49,9 +49,14 @@ class MoEEncoder(Encoder):
 
         def make_ff(enc: EncoderConfig) -> MoEFeedForward:
             return MoEFeedForward(
-                enc.output_size, moe.hidden_units, moe.num_experts, d_embed=d_embed,
-                activation=enc.activation_type, router_bias=moe.router_with_bias,
-                scale_by_gate=not moe.keep_expert_output, backend=backend,
+                enc.output_size,
+                moe.hidden_units,
+                moe.num_experts,
+                d_embed=d_embed,
+                activation=enc.activation_type,
+                router_bias=moe.router_with_bias,
+                scale_by_gate=not moe.keep_expert_output,
+                backend=backend,
             )
 
         super().__init__(cfg.encoder, cfg.input_dim, ff_factory=make_ff)
@@ -174,6 +179,9 @@ class ConformerMoEModel(WenetModel):
         feats = feats.to(self.device, torch.float32)
         feats = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.dtype)
         return self.net.encoder(
-            feats, lengths.to(self.device), opts.decoding_chunk_size,
-            opts.num_decoding_left_chunks, pad_mode,
+            feats,
+            lengths.to(self.device),
+            opts.decoding_chunk_size,
+            opts.num_decoding_left_chunks,
+            pad_mode,
         )

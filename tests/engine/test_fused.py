@@ -100,3 +100,24 @@ def test_half_precision_gates_and_graphs(shared, name, dtype):
     assert max(diffs) < a0_max
     assert float(torch.cat(rels).median()) < r0_max
     assert fast.engine._enc_graphs.stats.replays >= 1
+
+
+def test_graph_keys_are_bucketed(shared):
+    """Utterances of nearby lengths share one captured graph per stage (no capture per length)."""
+    d, feats, lens = _load(shared, "u2pp_bidecoder")
+    model = load_wenet(d, device=DEVICE, engine="fused", cuda_graphs=False)
+    eng = model.engine
+    keys: dict[str, set] = {"enc": set(), "ctc": set(), "resc": set()}
+    for name, attr in (("enc", "_enc_graphs"), ("ctc", "_ctc_graphs"), ("resc", "_dec_graphs")):
+        runner = getattr(eng, attr)
+
+        def record(key, *inputs, _runner=runner, _name=name):
+            keys[_name].add(key)
+            return _runner.fn(*inputs)
+
+        setattr(eng, attr, record)
+    for n in (130, 150, 170):  # three lengths inside one 64-frame bucket (129..192)
+        model.decode(feats[:1, :n], torch.tensor([n]), method="attention_rescoring", beam_size=4)
+    assert len(keys["enc"]) == len(keys["ctc"]) == len(keys["resc"]) == 1
+    (resc,) = keys["resc"]
+    assert resc[1] in eng.buckets.batch_sizes and resc[4] % 16 == 0

@@ -196,13 +196,11 @@ class WenetModel(Model):
                 enc_lens,
                 enc.device,
             )
-            toks, lens, scores = res.tokens.cpu(), res.lengths.cpu(), res.scores.cpu()
-            return [[(toks[b, : lens[b]].tolist(), float(scores[b]))] for b in range(enc.shape[0])]
+            return _best_only(res.tokens, res.lengths, res.scores)
         logp = self.net.ctc_log_probs(enc.to(self.net.ctc.weight.dtype))
         if opts.method == "ctc_greedy_search":
             res = ctc_greedy_search(logp, enc_lens, cfg.blank)
-            toks, lens, scores = res.tokens.cpu(), res.token_lengths.cpu(), res.scores.cpu()
-            return [[(toks[b, : lens[b]].tolist(), float(scores[b]))] for b in range(enc.shape[0])]
+            return _best_only(res.tokens, res.token_lengths, res.scores)
         if self.engine is not None:
             beam = self.engine.ctc_prefix_beam_search(logp, enc_lens, opts.beam_size, cfg.blank)
         else:
@@ -336,3 +334,11 @@ class WenetModel(Model):
                 Transcript(self.symbols.detokenize(tokens), tuple(tokens), score, timings=timings)
             )
         return out
+
+
+def _best_only(
+    tokens: torch.Tensor, lengths: torch.Tensor, scores: torch.Tensor
+) -> list[list[tuple[list[int], float]]]:
+    """(B, L) padded best hypotheses -> one-element n-best lists (one host copy, after search)."""
+    toks, lens, scores = tokens.cpu(), lengths.cpu(), scores.cpu()
+    return [[(toks[b, : lens[b]].tolist(), float(scores[b]))] for b in range(toks.shape[0])]

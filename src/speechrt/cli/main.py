@@ -25,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     from speechrt.cli import eval as eval_cmd
     from speechrt.cli import transcribe as transcribe_cmd
 
-    parser = _Parser(prog="speechrt", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="speechrt",
+        description="Fast, exact speech recognition: WeNet Conformer, Whisper, Conformer-MoE.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     transcribe_cmd.add_parser(sub)
     eval_cmd.add_parser(sub)

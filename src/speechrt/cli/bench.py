@@ -26,9 +26,14 @@ def _shapes(text: str) -> tuple[tuple[int, int], ...]:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="GPU benchmark tables (needs CUDA)")
-    p.add_argument("family", choices=("conformer",))
+    p.add_argument("family", choices=("conformer", "whisper"))
     p.add_argument("--out", default="bench_out", help="folder for the .md, .csv and .png")
-    p.add_argument("--batches", type=_ints, default=(1, 4, 16, 64))
+    p.add_argument(
+        "--batches",
+        type=_ints,
+        default=None,
+        help="batch sizes (conformer: 1,4,16,64; whisper decode: 1,16,64)",
+    )
     p.add_argument(
         "--lengths", type=_ints, default=(16, 64, 256, 1024), help="input frames (10 ms each)"
     )
@@ -46,22 +51,50 @@ def add_parser(sub) -> None:
         default=((16, 256),),
         help="BxT of the per-kernel profile of one encoder forward",
     )
+    w = p.add_argument_group("whisper")
+    w.add_argument(
+        "--presets",
+        default="tiny,large-v3-turbo,large-v3",
+        help="Whisper presets (random weights of their dims)",
+    )
+    w.add_argument("--enc-batches", type=_ints, default=(1, 16), help="encoder batch sizes")
+    w.add_argument("--steps", type=int, default=64, help="forced decode steps per window")
+    w.add_argument("--providers", default="speechrt,openai,hf", help="speechrt, openai, hf")
+    w.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph decode step")
+    w.add_argument(
+        "--torch-compile", action="store_true", help="also time torch.compile'd encoders (slow)"
+    )
+    w.add_argument(
+        "--e2e-model", default=None, help="real checkpoint (path or name) for --e2e-dir RTFx"
+    )
     p.set_defaults(run=run)
+
+
+def _dtypes(text: str) -> tuple[str, ...]:
+    dtypes = tuple(d for d in text.split(",") if d)
+    for d in dtypes:
+        if d not in ("fp16", "bf16", "fp32"):
+            raise UnsupportedOptionError(f"unknown dtype '{d}' in --dtypes (fp32, fp16, bf16)")
+    return dtypes
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    dtypes = _dtypes(args.dtypes)
+    wcfg = whisper_config(args, dtypes) if args.family == "whisper" else None
     if not torch.cuda.is_available():
         raise SpeechrtError("speechrt bench needs a CUDA GPU; none is visible")
-    dtypes = tuple(d for d in args.dtypes.split(",") if d)
-    for d in dtypes:
-        if d not in ("fp16", "bf16", "fp32"):
-            raise UnsupportedOptionError(f"unknown dtype '{d}' in --dtypes (fp32, fp16, bf16)")
+    if wcfg is not None:
+        from speechrt.benchmark.whisper import WhisperBench
+
+        WhisperBench(wcfg).run()
+        print((wcfg.out / "whisper.md").read_text())
+        return 0
     from speechrt.benchmark.conformer import BenchConfig, ConformerBench
 
     cfg = BenchConfig(
-        batches=args.batches,
+        batches=args.batches or (1, 4, 16, 64),
         lengths=args.lengths,
         compile_shapes=args.compile,
         dtypes=dtypes,
@@ -72,3 +105,34 @@ def run(args: argparse.Namespace) -> int:
     ConformerBench(cfg).run()
     print((cfg.out / "conformer.md").read_text())
     return 0
+
+
+def whisper_config(args: argparse.Namespace, dtypes: tuple[str, ...]):
+    """The validated :class:`WhisperBenchConfig` of the command line (errors before any work)."""
+    from speechrt.benchmark.whisper import PROVIDERS, WhisperBenchConfig
+    from speechrt.models.whisper.config import preset
+
+    presets = tuple(x for x in args.presets.split(",") if x)
+    n_ctx = min(preset(name).n_text_ctx for name in presets)  # unknown names fail here
+    providers = tuple(x for x in args.providers.split(",") if x)
+    for prov in providers:
+        if prov not in PROVIDERS:
+            raise UnsupportedOptionError(
+                f"unknown provider '{prov}' in --providers ({', '.join(PROVIDERS)})"
+            )
+    max_steps = n_ctx - WhisperBenchConfig.prefix
+    if not 1 <= args.steps <= max_steps:
+        raise UnsupportedOptionError(f"--steps must be in [1, {max_steps}], got {args.steps}")
+    return WhisperBenchConfig(
+        presets=presets,
+        enc_batches=args.enc_batches,
+        batches=args.batches or (1, 16, 64),
+        steps=args.steps,
+        dtypes=dtypes,
+        providers=providers,
+        cuda_graphs=not args.no_graphs,
+        compile=args.torch_compile,
+        e2e_dir=args.e2e_dir,
+        e2e_model=args.e2e_model,
+        out=Path(args.out),
+    )

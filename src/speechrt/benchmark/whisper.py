@@ -1,0 +1,490 @@
+"""``speechrt bench whisper``: encoder latency, decode ms/token and peak memory per preset.
+
+Random weights (device-side normal init, trained-like scale) with each preset's real dims, built
+directly with :class:`WhisperNet` (no download). The same weights are copied into the other
+providers through the checkpoint key maps, so their logits can be compared (``logit_diff``: max
+absolute difference of the last step's logits against speechrt eager, same dtype).
+
+Providers (each skipped with a note if its package is missing or it fails):
+
+* ``speechrt`` eager, and ``speechrt_graph``: the static-cache ``step`` captured in one CUDA
+  graph per batch with a static ``kv_len`` bucket (prefix + steps); eager passes
+  ``kv_len = position + 1`` as :class:`WindowDecoder` does;
+* ``openai``: openai-whisper's ``model.decoder(tokens, features, kv_cache=...)`` with its
+  kv-cache hooks (weights cast to the dtype, LayerNorm kept in FP32 as speechrt does);
+* ``hf``: transformers ``WhisperForConditionalGeneration`` (SDPA) with an
+  ``EncoderDecoderCache``.
+
+Decode timing, for every provider: one window of forced tokens (cross-attention K/V of random
+features, prefill of ``prefix`` tokens, then ``steps`` single-token steps); ``ms_per_token`` is
+that total over ``steps``. ``peak_mem_MiB``: ``torch.cuda.max_memory_allocated`` during the
+measurement minus what was allocated before the provider's model was built (its weights,
+caches and activations). On CPU (smoke runs) times come from the host clock and memory is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from speechrt.benchmark.common import cuda_time_ms, environment, markdown_table, write_csv
+from speechrt.models.whisper.config import WhisperDims, preset
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROVIDERS = ("speechrt", "openai", "hf")
+
+
+@dataclass
+class WhisperBenchConfig:
+    presets: tuple[str, ...] = ("tiny", "large-v3-turbo", "large-v3")
+    enc_batches: tuple[int, ...] = (1, 16)
+    batches: tuple[int, ...] = (1, 16, 64)
+    steps: int = 64
+    prefix: int = 3
+    dtypes: tuple[str, ...] = ("fp16", "bf16")
+    providers: tuple[str, ...] = PROVIDERS
+    cuda_graphs: bool = True
+    compile: bool = False  # torch.compile of each provider's encoder (slow)
+    seed: int = 0
+    e2e_dir: str | None = None
+    e2e_model: str | None = None  # a real checkpoint (path or name) for the end-to-end RTFx
+    out: Path = field(default_factory=lambda: Path("bench_out"))
+    device: str = "cuda"
+    custom_dims: dict[str, WhisperDims] | None = None  # name -> dims instead of presets (tests)
+
+    def models(self) -> dict[str, WhisperDims]:
+        """Benchmark name -> dims (presets by exact name unless ``custom_dims`` is given)."""
+        if self.custom_dims is not None:
+            return dict(self.custom_dims)
+        return {name: preset(name) for name in self.presets}
+
+
+# ---------------------------------------------------------------------------------- models
+def random_weights_(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Trained-like random weights, generated on the parameters' device: matrices
+    N(0, 1/fan_in), norm weights 1 + N(0, 0.1), other vectors N(0, 0.05). Buffers untouched."""
+    gen = None
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if gen is None:
+                gen = torch.Generator(device=p.device).manual_seed(seed)
+            if p.dim() >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+            elif name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1, generator=gen)
+            else:
+                p.normal_(0.0, 0.05, generator=gen)
+    return net
+
+
+def build_speechrt(dims: WhisperDims, dtype: torch.dtype, device: str, seed: int):
+    """WhisperNet with random weights in ``dtype`` (LayerNorm FP32) on ``device``."""
+    from speechrt.models.whisper.model import WhisperNet, cast_
+
+    with torch.device(device):
+        net = WhisperNet(dims)
+    return cast_(random_weights_(net, seed), dtype).eval().requires_grad_(False)
+
+
+def _keep_norms_fp32(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.float()
+
+
+def build_openai(net, dtype: torch.dtype):
+    """openai-whisper's ``Whisper`` holding ``net``'s weights (import is lazy)."""
+    from whisper.model import ModelDimensions, Whisper
+
+    from speechrt.models.whisper.convert import key_map
+
+    ours = net.state_dict()
+    state = {src: ours[dst] for src, dst in key_map(net.dims, "openai").items()}
+    with torch.device(ours["decoder.tok_emb.weight"].device):
+        model = Whisper(ModelDimensions(**net.dims.to_dict()))
+    model.load_state_dict(state, strict=True)
+    model.to(dtype)
+    _keep_norms_fp32(model)
+    return model.eval().requires_grad_(False)
+
+
+def build_hf(net, dtype: torch.dtype):
+    """transformers' ``WhisperForConditionalGeneration`` (SDPA) with ``net``'s weights."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from speechrt.models.whisper.convert import key_map
+
+    d = net.dims
+    cfg = WhisperConfig(
+        vocab_size=d.n_vocab,
+        num_mel_bins=d.n_mels,
+        d_model=d.n_audio_state,
+        encoder_layers=d.n_audio_layer,
+        encoder_attention_heads=d.n_audio_head,
+        decoder_layers=d.n_text_layer,
+        decoder_attention_heads=d.n_text_head,
+        encoder_ffn_dim=4 * d.n_audio_state,
+        decoder_ffn_dim=4 * d.n_text_state,
+        max_source_positions=d.n_audio_ctx,
+        max_target_positions=d.n_text_ctx,
+    )
+    cfg._attn_implementation = "sdpa"
+    ours = net.state_dict()
+    state = {"model." + src: ours[dst] for src, dst in key_map(d, "hf").items()}
+    state["proj_out.weight"] = ours["decoder.tok_emb.weight"]
+    with torch.device(ours["decoder.tok_emb.weight"].device):
+        model = WhisperForConditionalGeneration(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise RuntimeError(f"HF weights: missing {missing}, unexpected {unexpected}")
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------- decode loops
+def speechrt_decode(net, feats: Tensor, tokens: Tensor, prefix: int) -> Callable[[], Tensor]:
+    """Eager loop: set_audio, prefill ``prefix`` tokens, one step per remaining token.
+
+    feats (B, S, D), tokens (B, prefix + steps) -> callable returning the last logits (B, V)."""
+    b, n = tokens.shape
+    net.setup_caches(b, n, b)
+    positions = torch.empty(b, dtype=torch.long, device=tokens.device)
+
+    def run() -> Tensor:
+        net.set_audio(feats)
+        logits = net.prefill(tokens[:, :prefix])[:, -1]
+        for j in range(prefix, n):
+            positions.fill_(j)
+            logits = net.step(tokens[:, j : j + 1], positions, kv_len=j + 1)
+        return logits
+
+    return run
+
+
+def speechrt_graph_decode(net, feats: Tensor, tokens: Tensor, prefix: int):
+    """As :func:`speechrt_decode`, with ``step`` (static kv_len = prefix + steps) replayed from
+    one CUDA graph; the returned callable also returns the last logits (B, V)."""
+    b, n = tokens.shape
+    net.setup_caches(b, n, b)
+    tok_buf = tokens[:, prefix : prefix + 1].clone()  # (B, 1)
+    pos_buf = torch.full((b,), prefix, dtype=torch.long, device=tokens.device)
+    net.set_audio(feats)
+    net.prefill(tokens[:, :prefix])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            net.step(tok_buf, pos_buf, kv_len=n)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = net.step(tok_buf, pos_buf, kv_len=n)
+
+    def run() -> Tensor:
+        net.set_audio(feats)
+        net.prefill(tokens[:, :prefix])
+        for j in range(prefix, n):
+            tok_buf.copy_(tokens[:, j : j + 1])
+            pos_buf.fill_(j)
+            graph.replay()
+        return out
+
+    return run, graph
+
+
+def openai_decode(model, feats: Tensor, tokens: Tensor, prefix: int) -> Callable[[], Tensor]:
+    """openai-whisper: ``model.decoder`` per token with its kv-cache hooks (cache rebuilt per
+    call: cross K/V at the prefill, self K/V grown by concatenation)."""
+    cache, hooks = model.install_kv_cache_hooks()
+    n = tokens.shape[1]
+
+    def run() -> Tensor:
+        cache.clear()
+        logits = model.decoder(tokens[:, :prefix], feats, kv_cache=cache)[:, -1]
+        for j in range(prefix, n):
+            logits = model.decoder(tokens[:, j : j + 1], feats, kv_cache=cache)[:, -1]
+        return logits
+
+    run.hooks = hooks  # type: ignore[attr-defined]
+    return run
+
+
+def hf_decode(model, feats: Tensor, tokens: Tensor, prefix: int) -> Callable[[], Tensor]:
+    """transformers: ``model.model.decoder`` with an ``EncoderDecoderCache`` per call."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    dec, n = model.model.decoder, tokens.shape[1]
+
+    def forward(ids: Tensor, cache) -> Tensor:
+        h = dec(
+            input_ids=ids, encoder_hidden_states=feats, past_key_values=cache, use_cache=True
+        ).last_hidden_state
+        return model.proj_out(h[:, -1]).float()  # (B, V)
+
+    def run() -> Tensor:
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        logits = forward(tokens[:, :prefix], cache)
+        for j in range(prefix, n):
+            logits = forward(tokens[:, j : j + 1], cache)
+        return logits
+
+    return run
+
+
+# ---------------------------------------------------------------------------------- memory
+class _Memory:
+    """Peak CUDA memory of a measurement above a baseline taken before the model was built."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.base = torch.cuda.memory_allocated() if self.cuda else 0
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_mib(self) -> float | None:
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+
+
+def _free(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------- bench
+class WhisperBench:
+    def __init__(self, cfg: WhisperBenchConfig) -> None:
+        self.cfg = cfg
+        self.dev = cfg.device
+        self.rows: list[dict] = []
+        self.notes: list[str] = []
+
+    # -------------------------------------------------------------- one provider
+    def _encoder_rows(self, name, dims, dt, provider, encode, mem) -> list[dict]:
+        rows = []
+        for b in self.cfg.enc_batches:
+            gen = torch.Generator().manual_seed(self.cfg.seed + b)
+            mel = torch.randn(b, dims.n_mels, 2 * dims.n_audio_ctx, generator=gen)
+            mel = mel.to(self.dev, DTYPES[dt])
+            mem.reset()
+            with torch.inference_mode():
+                ms = cuda_time_ms(lambda m=mel: encode(m), warmup=2, min_iters=5, budget_s=0.3)
+            row = self._row("encoder", name, dt, provider, b, ms, mem.peak_mib())
+            row["audio_s_per_s"] = b * 30.0 / (ms / 1000.0)
+            rows.append(row)
+        return rows
+
+    def _decode_rows(self, name, dims, dt, provider, make, mem, ref) -> list[dict]:
+        rows = []
+        for b in self.cfg.batches:
+            feats, tokens = self._decode_inputs(dims, dt, b)
+            mem.reset()
+            try:
+                last, ms = self._time_decode(make, feats, tokens)
+            except Exception as e:  # noqa: BLE001 - report and go on (e.g. capture fails)
+                self.notes.append(f"{name} {dt} {provider} B={b}: {type(e).__name__}: {e}")
+                continue
+            row = self._row("decode", name, dt, provider, b, ms / self.cfg.steps, mem.peak_mib())
+            row["ms_per_token"] = row.pop("latency_ms")
+            row["tokens_per_s"] = b * 1000.0 / row["ms_per_token"]
+            key = (name, dt, b)
+            if provider == "speechrt":
+                ref[key] = last
+            elif key in ref:
+                row["logit_diff"] = float((last - ref[key]).abs().max())
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def _time_decode(make, feats: Tensor, tokens: Tensor) -> tuple[Tensor, float]:
+        """(last logits (B, V) FP32, ms of one decode window) of the loop ``make`` builds."""
+        graph = None
+        with torch.inference_mode():
+            run = make(feats, tokens)
+            if isinstance(run, tuple):  # (callable, CUDA graph)
+                run, graph = run
+            try:
+                last = run().float().clone()
+                ms = cuda_time_ms(run, warmup=1, min_iters=3, budget_s=0.5, max_iters=20)
+            finally:
+                for h in getattr(run, "hooks", ()):  # openai-whisper's kv-cache hooks
+                    h.remove()
+                del graph
+        return last, ms
+
+    def _decode_inputs(self, dims: WhisperDims, dt: str, b: int) -> tuple[Tensor, Tensor]:
+        """Random features (B, S, D) in ``dt`` and forced tokens (B, prefix + steps)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + b)
+        feats = torch.randn(b, dims.n_audio_ctx, dims.n_audio_state, generator=gen)
+        n = self.cfg.prefix + self.cfg.steps
+        if n > dims.n_text_ctx:
+            raise ValueError(f"prefix + steps = {n} exceeds n_text_ctx {dims.n_text_ctx}")
+        tokens = torch.randint(0, 50257, (b, n), generator=gen)
+        return feats.to(self.dev, DTYPES[dt]), tokens.to(self.dev)
+
+    def _row(self, part, name, dt, provider, b, ms, peak) -> dict:
+        return {
+            "part": part,
+            "model": name,
+            "dtype": dt,
+            "provider": provider,
+            "B": b,
+            "latency_ms": ms,
+            "peak_mem_MiB": peak,
+        }
+
+    # -------------------------------------------------------------- providers
+    def _run_provider(self, provider, name, dims, dt, net, ref) -> list[dict]:
+        mem = self._speechrt_mem if provider == "speechrt" else _Memory(self.dev)
+        encode, makers = self._setup(provider, net, DTYPES[dt])
+        rows = self._encoder_rows(name, dims, dt, provider, encode, mem)
+        if self.cfg.compile:
+            rows += self._compile_rows(name, dims, dt, provider, encode, mem)
+        for label, make in makers.items():
+            rows += self._decode_rows(name, dims, dt, label, make, mem, ref)
+        return rows
+
+    def _setup(self, provider: str, net, dtype: torch.dtype) -> tuple[Callable, dict]:
+        """(encoder callable: mel (B, n_mels, 3000) -> (B, S, D), {label: decode-loop maker})."""
+        prefix = self.cfg.prefix
+        with torch.inference_mode():
+            if provider == "speechrt":
+                makers = {"speechrt": lambda f, t: speechrt_decode(net, f, t, prefix)}
+                if self.cfg.cuda_graphs and torch.device(self.dev).type == "cuda":
+                    makers["speechrt_graph"] = lambda f, t: speechrt_graph_decode(net, f, t, prefix)
+                return net.embed_audio, makers
+            if provider == "openai":
+                oa = build_openai(net, dtype)
+                return oa.encoder, {"openai": lambda f, t: openai_decode(oa, f, t, prefix)}
+            hf = build_hf(net, dtype)
+
+            def hf_encode(mel: Tensor) -> Tensor:
+                return hf.model.encoder(input_features=mel).last_hidden_state
+
+            return hf_encode, {"hf": lambda f, t: hf_decode(hf, f, t, prefix)}
+
+    def _compile_rows(self, name, dims, dt, provider, encode, mem) -> list[dict]:
+        compiled = torch.compile(encode, dynamic=False)
+        mel = torch.randn(1, dims.n_mels, 2 * dims.n_audio_ctx, device=self.dev)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            compiled(mel.to(DTYPES[dt]))
+            compile_s = time.perf_counter() - t0
+        rows = self._encoder_rows(name, dims, dt, provider + "+compile", compiled, mem)
+        for r in rows:
+            r["compile_s"] = compile_s
+        return rows
+
+    def _available(self, provider: str) -> bool:
+        import importlib.util
+
+        module = {"speechrt": "speechrt", "openai": "whisper", "hf": "transformers"}[provider]
+        if importlib.util.find_spec(module) is None:
+            note = f"{provider}: skipped ({module} is not installed)"
+            if note not in self.notes:
+                self.notes.append(note)
+            return False
+        return True
+
+    # -------------------------------------------------------------- run
+    def run_model(self, name: str, dims: WhisperDims) -> None:
+        """Every dtype x provider of one model; appends rows."""
+        for dt in self.cfg.dtypes:
+            ref: dict = {}
+            self._speechrt_mem = _Memory(self.dev)
+            net = build_speechrt(dims, DTYPES[dt], self.dev, self.cfg.seed)
+            for provider in self.cfg.providers:
+                if not self._available(provider):
+                    continue
+                try:
+                    self.rows += self._run_provider(provider, name, dims, dt, net, ref)
+                except Exception as e:  # noqa: BLE001 - one provider failing must not stop all
+                    self.notes.append(f"{name} {dt} {provider}: {type(e).__name__}: {e}")
+                _free(self.dev)
+                print(f"done {name} {dt} {provider}", flush=True)
+            del net
+            _free(self.dev)
+
+    def e2e_rows(self) -> list[dict]:
+        """RTFx of speechrt's ``transcribe`` (greedy, temperature 0) over a folder of audio."""
+        from speechrt.audio.io import load_audio
+        from speechrt.models.whisper.runtime import load_whisper
+
+        files = sorted(
+            f
+            for f in Path(self.cfg.e2e_dir).iterdir()
+            if f.suffix in (".flac", ".wav", ".mp3", ".ogg")
+        )
+        if not files:
+            raise FileNotFoundError(f"no audio files in {self.cfg.e2e_dir}")
+        wavs = [load_audio(f) for f in files]
+        audio_s = sum(w.shape[-1] for w in wavs) / 16000.0
+        model = load_whisper(self.cfg.e2e_model, device=self.dev)
+        model.transcribe(wavs[0], temperature=0.0, language="en")  # warm-up
+        if torch.device(self.dev).type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for w in wavs:
+            model.transcribe(w, temperature=0.0, language="en")
+        if torch.device(self.dev).type == "cuda":
+            torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+        return [
+            {
+                "part": "e2e",
+                "model": self.cfg.e2e_model,
+                "provider": "speechrt",
+                "files": len(files),
+                "audio_s": audio_s,
+                "seconds": sec,
+                "RTFx": audio_s / sec,
+            }
+        ]
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        for name, dims in cfg.models().items():
+            self.run_model(name, dims)
+            write_csv(cfg.out / "whisper_partial.csv", self.rows)  # survives a time-out
+        e2e = self.e2e_rows() if cfg.e2e_dir and cfg.e2e_model else []
+        if cfg.e2e_dir and not cfg.e2e_model:
+            self.notes.append("e2e: skipped (--e2e-dir needs --e2e-model, a real checkpoint)")
+        return self.report(e2e)
+
+    def report(self, e2e: list[dict]) -> dict:
+        cfg, env = self.cfg, environment()
+        write_csv(cfg.out / "whisper.csv", self.rows + e2e)
+        enc = [r for r in self.rows if r["part"] == "encoder"]
+        dec = [r for r in self.rows if r["part"] == "decode"]
+        base = ["model", "dtype", "provider", "B"]
+        md = [
+            f"# speechrt Whisper benchmark\n\n`{json.dumps(env)}`\n",
+            f"Random weights, real dims; decode: {cfg.prefix}-token prefill + {cfg.steps} forced "
+            "steps per window, ms_per_token = total / steps (cross K/V included).\n",
+            "## Encoder (30 s windows)\n",
+            markdown_table(
+                enc, [*base, "latency_ms", "audio_s_per_s", "peak_mem_MiB", "compile_s"]
+            ),
+            "\n## Decode\n",
+            markdown_table(
+                dec, [*base, "ms_per_token", "tokens_per_s", "peak_mem_MiB", "logit_diff"]
+            ),
+        ]
+        if e2e:
+            md += ["\n## End to end\n", markdown_table(e2e, list(e2e[0]))]
+        if self.notes:
+            md += ["\n## Notes\n", "\n".join(f"- {n}" for n in self.notes)]
+        (cfg.out / "whisper.md").write_text("\n".join(md) + "\n")
+        return {"env": env, "rows": self.rows, "e2e": e2e, "notes": self.notes}

@@ -165,13 +165,14 @@ class WindowDecoder:
         self.n_ctx = n_text_ctx
         self.group = options.beam_size or options.best_of or 1
         self.sample_len = options.sample_len or n_text_ctx // 2
-        self.initial_tokens = self._initial_tokens()
+        self.initial_tokens = self.initial_tokens_for(options.prompt)
         self.sample_begin = len(self.initial_tokens)
         self.sot_index = self.initial_tokens.index(tokenizer.sot)
         self.filters = self._filters(n_audio_ctx)
         self.stop_lag = stop_lag
 
-    def _initial_tokens(self) -> tuple[int, ...]:
+    def initial_tokens_for(self, prompt: str | Sequence[int] | None) -> tuple[int, ...]:
+        """SOT sequence (+ no-timestamps, prefix) after ``<|startofprev|> prompt`` if any."""
         tok, opts = self.tokenizer, self.options
         tokens = list(tok.sot_sequence)
         if opts.without_timestamps:
@@ -180,8 +181,8 @@ class WindowDecoder:
             prefix = _as_ids(tok, opts.prefix)
             max_prefix = self.n_ctx // 2 - self.sample_len
             tokens += prefix[-max_prefix:]
-        if opts.prompt:
-            prompt = _as_ids(tok, opts.prompt)
+        if prompt:
+            prompt = _as_ids(tok, prompt)
             tokens = [tok.sot_prev, *prompt[-(self.n_ctx // 2 - 1) :], *tokens]
         return tuple(tokens)
 
@@ -204,12 +205,20 @@ class WindowDecoder:
         return filters
 
     def run(
-        self, session: DecoderSession, n_audio: int, device: torch.device
+        self,
+        session: DecoderSession,
+        n_audio: int,
+        device: torch.device,
+        prompts: Sequence[Sequence[int]] | None = None,
     ) -> list[WindowResult]:
-        """Decode ``n_audio`` windows whose features the session holds."""
+        """Decode ``n_audio`` windows whose features the session holds.
+
+        ``prompts``: one previous-text prompt per window, replacing ``options.prompt``; all
+        must give initial tokens as long as ``options.prompt`` does.
+        """
         tok, opts = self.tokenizer, self.options
         tokens = torch.full((n_audio, self.n_ctx + 1), tok.eot, dtype=torch.long, device=device)
-        tokens[:, : self.sample_begin] = torch.tensor(self.initial_tokens, device=device)
+        tokens[:, : self.sample_begin] = self._initial_rows(prompts, n_audio, device)
         languages, language_probs = [opts.language] * n_audio, None
         if opts.language is None:
             lang_tokens, language_probs = detect_language(session, tok, n_audio, device)
@@ -227,6 +236,15 @@ class WindowDecoder:
             self._result(ids, logprob, languages[a], no_speech[a * self.group], language_probs, a)
             for a, (ids, logprob) in enumerate(chosen)
         ]
+
+    def _initial_rows(self, prompts, n_audio: int, device: torch.device) -> Tensor:
+        """Initial tokens (1 or A, sample_begin) for all windows or one row per window."""
+        if prompts is None:
+            return torch.tensor(self.initial_tokens, device=device)[None]
+        rows = [self.initial_tokens_for(p) for p in prompts]
+        if len(rows) != n_audio or any(len(r) != self.sample_begin for r in rows):
+            raise ValueError("need one prompt per window, all as long as options.prompt")
+        return torch.tensor(rows, device=device)  # (A, sample_begin)
 
     def _search(self, session: DecoderSession, tokens: Tensor, n_audio: int, device: torch.device):
         """The step loop; returns (search, final length, no-speech probability per row)."""

@@ -105,16 +105,22 @@ class WhisperModel:
 
     @torch.inference_mode()
     def decode_features(
-        self, features: Tensor, options: WhisperDecodeOptions
+        self,
+        features: Tensor,
+        options: WhisperDecodeOptions,
+        prompts: list[list[int]] | None = None,
     ) -> list[WindowResult]:
-        """Decode windows from encoder features (A, n_audio_ctx, n_audio_state)."""
+        """Decode windows from encoder features (A, n_audio_ctx, n_audio_state).
+
+        ``prompts``: one prompt per window (token ids, all as long as ``options.prompt``).
+        """
         decoder = WindowDecoder(
             self.tokenizer, options, self.dims.n_text_ctx, self.dims.n_audio_ctx
         )
         n_audio = features.shape[0]
         self.net.ensure_caches(n_audio * decoder.group, n_audio)
         self.net.set_audio(features)
-        return decoder.run(self.net, n_audio, self.device)
+        return decoder.run(self.net, n_audio, self.device, prompts)
 
     @torch.inference_mode()
     def detect_language_features(
@@ -147,19 +153,26 @@ class WhisperModel:
         codes, probs = self.detect_language_features(self.embed_audio(mel[None]))
         return codes[0], probs[0]
 
-    def transcribe(self, audio, **options) -> Transcript | list[Transcript]:
+    def transcribe(self, audio, batch_size: int = 8, **options) -> Transcript | list[Transcript]:
         """Transcribe (or translate) audio of any length in 30 s windows.
 
-        ``audio``: a path, bytes, or a 16 kHz mono float array; a list gives a list. Options are
-        those of :func:`speechrt.models.whisper.transcribe.transcribe` (temperature, beam_size,
+        ``audio``: a path, bytes, or a 16 kHz mono float array; a list gives a list, decoded
+        with up to ``batch_size`` files advancing together (1: one file after another; greedy
+        and beam search give the same tokens and segments either way). Options are those of
+        :func:`speechrt.models.whisper.transcribe.transcribe` (temperature, beam_size,
         best_of, patience, length_penalty, language, task, initial_prompt,
         condition_on_previous_text, without_timestamps, word_timestamps, thresholds, ...).
         """
+        from speechrt.models.whisper.batched import transcribe_batched
         from speechrt.models.whisper.transcribe import transcribe
 
-        if isinstance(audio, (list, tuple)):
+        if batch_size < 1:
+            raise UnsupportedOptionError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(audio, (list, tuple)):
+            return transcribe(self, audio, **options)
+        if batch_size == 1:
             return [transcribe(self, a, **options) for a in audio]
-        return transcribe(self, audio, **options)
+        return transcribe_batched(self, list(audio), batch_size, **options)
 
 
 def load_whisper(

@@ -95,6 +95,39 @@ def transcribe(
     ``no_speech_threshold``); beam search (``beam_size``) is used at temperature 0 and
     ``best_of`` samples above it. Silent windows are skipped.
     """
+    options = dict(locals())
+    del options["model"], options["audio"]
+    return prepare(model, audio, **options).run()
+
+
+def prepare(
+    model,
+    audio,
+    *,
+    language: str | None = None,
+    task: str = "transcribe",
+    temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    beam_size: int | None = None,
+    best_of: int | None = 5,
+    patience: float | None = None,
+    length_penalty: float | None = None,
+    compression_ratio_threshold: float | None = 2.4,
+    logprob_threshold: float | None = -1.0,
+    no_speech_threshold: float | None = 0.6,
+    condition_on_previous_text: bool = True,
+    initial_prompt: str | None = None,
+    carry_initial_prompt: bool = False,
+    word_timestamps: bool = False,
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS,
+    append_punctuations: str = APPEND_PUNCTUATIONS,
+    without_timestamps: bool = False,
+    suppress_tokens: str | list[int] | None = "-1",
+    suppress_blank: bool = True,
+    max_initial_timestamp: float | None = 1.0,
+    sample_len: int | None = None,
+) -> FileLoop:
+    """Check the options (those of :func:`transcribe`), load the audio, compute its log-mel
+    and pick its language; returns the file's :class:`FileLoop` at seek 0."""
     if language is not None:
         language = normalize_language(language)
     temps = (temperature,) if isinstance(temperature, (int, float)) else tuple(temperature)
@@ -112,7 +145,7 @@ def transcribe(
     language = language or _language_of(model, mel)
     tokenizer = model.tokenizer.with_options(language, task)
     prompt = _initial_prompt(tokenizer, initial_prompt, model.dims.n_text_ctx)
-    return _Loop(model, tokenizer, settings, mel, prompt, carry_initial_prompt).run(language)
+    return FileLoop(model, tokenizer, settings, mel, prompt, carry_initial_prompt, language)
 
 
 def _language_of(model, mel: Tensor) -> str:
@@ -139,12 +172,20 @@ def _window(mel: Tensor, seek: int, size: int) -> Tensor:
     return F.pad(segment, (0, N_FRAMES - segment.shape[-1]))
 
 
-class _Loop:
-    """State of one file's transcription: seek position, tokens so far, segments."""
+class FileLoop:
+    """State of one file's transcription: seek position, tokens so far, segments.
 
-    def __init__(self, model, tokenizer, settings: _Settings, mel: Tensor, prompt, carry: bool):
+    :meth:`run` decodes alone; a batched driver calls :meth:`current`, decodes the window
+    (with :meth:`options_at` and :meth:`needs_fallback`) and hands the result to :meth:`accept`.
+    """
+
+    def __init__(
+        self, model, tokenizer, settings: _Settings, mel: Tensor, prompt, carry: bool, language
+    ) -> None:
         self.model, self.tok, self.s, self.mel = model, tokenizer, settings, mel
-        self.language = ""
+        self.language: str = language
+        self.seek = 0
+        self.window: tuple[Tensor, int] | None = None  # (mel window, frames) at ``seek``
         self.content_frames = mel.shape[-1] - N_FRAMES
         self.input_stride = N_FRAMES // model.dims.n_audio_ctx  # mel frames per audio token
         self.time_precision = self.input_stride * HOP_LENGTH / SAMPLE_RATE  # 0.02 s
@@ -156,17 +197,25 @@ class _Loop:
         self.score = 0.0
         self.last_speech_timestamp = 0.0
 
-    def run(self, language: str) -> Transcript:
-        self.language = language
-        seek = 0
-        while seek < self.content_frames:
-            seek = self._window_at(seek)
+    @property
+    def done(self) -> bool:
+        return self.seek >= self.content_frames
+
+    def run(self) -> Transcript:
+        """Decode window after window, one at a time."""
+        while not self.done:
+            mel_window, prompt = self.current()
+            self.accept(self._decode_with_fallback(mel_window, prompt))
+        return self.transcript()
+
+    def transcript(self) -> Transcript:
+        """The finished transcription."""
         text_tokens = [t for t in self.all_tokens[len(self.initial_prompt) :] if t < self.tok.eot]
         return Transcript(
             text=self.tok.decode(self.all_tokens[len(self.initial_prompt) :]),
             tokens=tuple(text_tokens),
             score=self.score,
-            language=language,
+            language=self.language,
             segments=tuple(_to_segment(s) for s in self.segments),
         )
 
@@ -178,11 +227,19 @@ class _Loop:
         rest = self.all_tokens[ignored:][-remaining:] if remaining > 0 else []
         return self.initial_prompt + rest
 
-    def _window_at(self, seek: int) -> int:
-        """Decode the window at ``seek``, record its segments; returns the next seek."""
-        size = min(N_FRAMES, self.content_frames - seek)
-        mel_window = _window(self.mel, seek, size)
-        result = self._decode_with_fallback(mel_window, self._prompt())
+    def current(self) -> tuple[Tensor, list[int]]:
+        """The window at ``seek`` (n_mels, N_FRAMES) and its prompt (token ids)."""
+        size = min(N_FRAMES, self.content_frames - self.seek)
+        self.window = (_window(self.mel, self.seek, size), size)
+        return self.window[0], self._prompt()
+
+    def accept(self, result: WindowResult) -> None:
+        """Record the decoding of :meth:`current`'s window and move ``seek`` on."""
+        self.seek = self._window_done(self.seek, *self.window, result)
+        self.window = None
+
+    def _window_done(self, seek: int, mel_window: Tensor, size: int, result) -> int:
+        """Record a window's segments; returns the next seek."""
         if self._is_silent(result):
             return seek + size
         time_offset = float(seek * HOP_LENGTH / SAMPLE_RATE)
@@ -204,16 +261,19 @@ class _Loop:
             self.prompt_reset_since = len(self.all_tokens)
         return next_seek
 
+    def options_at(self, temperature: float, prompt: list[int]) -> WhisperDecodeOptions:
+        """This file's window options at one temperature."""
+        return replace(self.s.options_at(temperature), prompt=prompt, language=self.language)
+
     def _decode_with_fallback(self, mel_window: Tensor, prompt: list[int]) -> WindowResult:
         result = None
         for t in self.s.temperatures:
-            options = replace(self.s.options_at(t), prompt=prompt, language=self.language)
-            result = self.model.decode(mel_window, options)
-            if not self._needs_fallback(result):
+            result = self.model.decode(mel_window, self.options_at(t, prompt))
+            if not self.needs_fallback(result):
                 break
         return result
 
-    def _needs_fallback(self, r: WindowResult) -> bool:
+    def needs_fallback(self, r: WindowResult) -> bool:
         s = self.s
         too_repetitive = (
             s.compression_ratio_threshold is not None

@@ -500,9 +500,9 @@ def _finish(beam: _Beam) -> CTCPrefixBeamResult:
 def nbest_lists(result: CTCPrefixBeamResult) -> list[list[tuple[list[int], float]]]:
     """Python n-best lists ``[(tokens, score), ...]`` per utterance, best first (syncs once)."""
     hyps = result.hyps.tolist()  # sync-ok: once, after the search
-    lens = result.hyp_lengths.tolist()
-    scores = result.scores.double().tolist()
-    counts = result.count.tolist()
+    lens = result.hyp_lengths.tolist()  # sync-ok: after the search loop
+    scores = result.scores.double().tolist()  # sync-ok: after the search loop
+    counts = result.count.tolist()  # sync-ok: after the search loop
     return [
         [(hyps[b][i][: lens[b][i]], scores[b][i]) for i in range(counts[b])]
         for b in range(len(counts))

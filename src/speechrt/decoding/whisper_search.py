@@ -55,7 +55,7 @@ class GreedySearch:
     def finalize(self, tokens: Tensor, length: int, group: int) -> Candidates:
         """Per audio, the ``group`` rows of tokens[:, :length] (EOT appended) and log-probs."""
         rows = tokens[:, :length].tolist()  # sync-ok: finalize, after the loop
-        scores = self.sum_logprobs.tolist()
+        scores = self.sum_logprobs.tolist()  # sync-ok: after the search loop
         n_audio = len(rows) // group
         return [
             [(rows[a * group + g] + [self.eot], scores[a * group + g]) for g in range(group)]
@@ -153,10 +153,10 @@ class BeamSearch:
     def finalize(self, tokens: Tensor, length: int, group: int) -> Candidates:
         """Finished sequences per audio, topped up with the best live beams (+ EOT) when fewer
         than ``beam_size`` finished."""
-        counts = self.fin_count.tolist()
-        fin_tokens, fin_len = self.fin_tokens.tolist(), self.fin_len.tolist()
-        fin_scores = self.fin_scores.tolist()
-        live = tokens[:, :length].tolist()
+        counts = self.fin_count.tolist()  # sync-ok: after the search loop
+        fin_tokens, fin_len = self.fin_tokens.tolist(), self.fin_len.tolist()  # sync-ok: finalize
+        fin_scores = self.fin_scores.tolist()  # sync-ok: after the search loop
+        live = tokens[:, :length].tolist()  # sync-ok: after the search loop
         live_scores = self.sum_logprobs.cpu().numpy()
         out: Candidates = []
         for a in range(self.n_audio):

@@ -157,7 +157,7 @@ class BeamSearch:
         fin_tokens, fin_len = self.fin_tokens.tolist(), self.fin_len.tolist()  # sync-ok: finalize
         fin_scores = self.fin_scores.tolist()  # sync-ok: after the search loop
         live = tokens[:, :length].tolist()  # sync-ok: after the search loop
-        live_scores = self.sum_logprobs.cpu().numpy()
+        live_scores = self.sum_logprobs.cpu().numpy()  # sync-ok: finalize
         out: Candidates = []
         for a in range(self.n_audio):
             cands = [

@@ -61,42 +61,16 @@ class _Settings:
         return WhisperDecodeOptions(temperature=temperature, **kwargs)
 
 
-def transcribe(
-    model,
-    audio,
-    *,
-    language: str | None = None,
-    task: str = "transcribe",
-    temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-    beam_size: int | None = None,
-    best_of: int | None = 5,
-    patience: float | None = None,
-    length_penalty: float | None = None,
-    compression_ratio_threshold: float | None = 2.4,
-    logprob_threshold: float | None = -1.0,
-    no_speech_threshold: float | None = 0.6,
-    condition_on_previous_text: bool = True,
-    initial_prompt: str | None = None,
-    carry_initial_prompt: bool = False,
-    word_timestamps: bool = False,
-    prepend_punctuations: str = PREPEND_PUNCTUATIONS,
-    append_punctuations: str = APPEND_PUNCTUATIONS,
-    without_timestamps: bool = False,
-    suppress_tokens: str | list[int] | None = "-1",
-    suppress_blank: bool = True,
-    max_initial_timestamp: float | None = 1.0,
-    sample_len: int | None = None,
-) -> Transcript:
+def transcribe(model, audio, **options) -> Transcript:
     """Transcribe one audio with a :class:`WhisperModel` (see openai-whisper's ``transcribe``).
 
-    ``temperature`` is tried in order while a window's result is too repetitive
-    (compression ratio above ``compression_ratio_threshold``) or too improbable (average
-    log-prob below ``logprob_threshold``), unless it looks silent (no-speech probability above
+    ``options`` are the keyword arguments of :func:`prepare`. ``temperature`` is tried in order
+    while a window's result is too repetitive (compression ratio above
+    ``compression_ratio_threshold``) or too improbable (average log-prob below
+    ``logprob_threshold``), unless it looks silent (no-speech probability above
     ``no_speech_threshold``); beam search (``beam_size``) is used at temperature 0 and
     ``best_of`` samples above it. Silent windows are skipped.
     """
-    options = dict(locals())
-    del options["model"], options["audio"]
     return prepare(model, audio, **options).run()
 
 

@@ -142,12 +142,16 @@ class WenetModel(Model):
                 opts.decoding_chunk_size, opts.num_decoding_left_chunks
             )
             return self.engine.encode(feats.to(self.device), lengths, *chunk)
-        feats = feats.to(self.device, self.net.ctc.weight.dtype)
+        feats = self._encoder_input(feats)
         if opts.simulate_streaming:
             return self._encode_streaming(feats, lengths, opts)
         return self.net.encoder(
             feats, lengths, opts.decoding_chunk_size, opts.num_decoding_left_chunks, pad_mode
         )
+
+    def _encoder_input(self, feats: torch.Tensor) -> torch.Tensor:
+        """Raw fbank as the torch encoder takes it (WeNet applies CMVN inside the encoder)."""
+        return feats.to(self.device, self.net.ctc.weight.dtype)
 
     def _encode_streaming(self, feats, lengths, opts) -> tuple[torch.Tensor, torch.Tensor]:
         outs = []

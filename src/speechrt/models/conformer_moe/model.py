@@ -159,29 +159,7 @@ class ConformerMoEModel(WenetModel):
             )
         return opts
 
-    @torch.inference_mode()
-    def encode(
-        self,
-        feats: torch.Tensor,
-        lengths: torch.Tensor,
-        decoding_chunk_size: int = -1,
-        num_decoding_left_chunks: int = -1,
-        simulate_streaming: bool = False,
-        pad_mode: str = "zero",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw fbank (B, T, F) -> (encoder_out (B, T', D), lengths (B,)); CMVN applied here."""
-        opts = self._options(
-            method="ctc_greedy_search",
-            decoding_chunk_size=decoding_chunk_size,
-            num_decoding_left_chunks=num_decoding_left_chunks,
-            simulate_streaming=simulate_streaming,
-        )
+    def _encoder_input(self, feats: torch.Tensor) -> torch.Tensor:
+        """3M-ASR applies CMVN outside the model: normalise here, then cast."""
         feats = feats.to(self.device, torch.float32)
-        feats = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.dtype)
-        return self.net.encoder(
-            feats,
-            lengths.to(self.device),
-            opts.decoding_chunk_size,
-            opts.num_decoding_left_chunks,
-            pad_mode,
-        )
+        return ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.dtype)

@@ -232,6 +232,30 @@ def _activate(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def _expert_tile_dot(
+    a_rows, row_ok, w_base, ns, n_ok, K, stride_wn,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_N) float32 tile of A @ W_e^T: ``a_rows`` (BLOCK_M,) row pointers into A
+    (K contiguous values each), ``w_base`` the expert's (N, K) weight, ``ns`` its output rows."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_base + ns[None, :] * stride_wn + ks[:, None],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+        if UPCAST:
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _expert_up_kernel(
     X, ORDER, OFFS, W1, B1, H,
     D, HID, E, top_k,
@@ -254,17 +278,8 @@ def _expert_up_kernel(
         ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = ns < HID
         w_base = W1 + e.to(tl.int64) * stride_we
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            a = tl.load(X + tok[:, None] * stride_x + ks[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_base + ns[None, :] * stride_wn + ks[:, None],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        acc = _expert_tile_dot(X + tok * stride_x, row_ok, w_base, ns, n_ok, D, stride_wn,
+                               UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(B1 + e.to(tl.int64) * stride_be + ns, mask=n_ok,
                            other=0.0).to(tl.float32)[None, :]
@@ -296,17 +311,8 @@ def _expert_down_kernel(
         ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = ns < D
         w_base = W2 + e.to(tl.int64) * stride_we
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, HID, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < HID
-            a = tl.load(HS + rows64[:, None] * stride_h + ks[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_base + ns[None, :] * stride_wn + ks[:, None],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        acc = _expert_tile_dot(HS + rows64 * stride_h, row_ok, w_base, ns, n_ok, HID, stride_wn,
+                               UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(B2 + e.to(tl.int64) * stride_be + ns, mask=n_ok,
                            other=0.0).to(tl.float32)[None, :]

@@ -47,7 +47,3 @@ class Precision:
     @classmethod
     def of(cls, dtype: str | torch.dtype | None) -> Precision:
         return cls(compute=parse_dtype(dtype))
-
-    @property
-    def name(self) -> str:
-        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.compute]

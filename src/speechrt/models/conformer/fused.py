@@ -97,7 +97,6 @@ class FusedEncoder:
         self.blocks = [self._prepare(layer) for layer in enc.layers]
         self.n_head = self.cfg.attention_heads
         self.d = self.cfg.output_size
-        self._pos_cache: dict[int, torch.Tensor] = {}
 
     def _prepare_front(self, sub) -> dict:
         """Conv front on cuDNN in channels-last (ReLU in place), the projection's columns
@@ -196,13 +195,6 @@ class FusedEncoder:
         blk["causal"] = c.causal
         return blk
 
-    def _positions(self, t: int, device) -> torch.Tensor:
-        pe = self._pos_cache.get(t)
-        if pe is None:
-            pe = positions(0, t, self.d, device, self.dtype)
-            self._pos_cache[t] = pe
-        return pe
-
     def _pos_proj(self, blk: dict, pe: torch.Tensor) -> torch.Tensor:
         """linear_pos(pe) depends on the length only: computed once per length and kept, so a
         captured graph reads it as a constant instead of recomputing it every replay."""
@@ -292,7 +284,7 @@ class FusedEncoder:
         """
         x = self._embed(feats)  # (B, T', D)
         out_lengths = self.subsampling.output_lengths(lengths)
-        pe = self._positions(x.shape[1], x.device)
+        pe = positions(0, x.shape[1], self.d, x.device, self.dtype)  # cached table, a view
         x = x.to(self.residual_dtype)  # the residual stream stays float32
         for blk in self.blocks:
             n = blk["norm_mac"]

@@ -380,12 +380,16 @@ def setup(args) -> tuple:
     return device, amp, conf, raw, net.to(device)
 
 
-def _optimizer(net: nn.Module, conf: TrainingConf) -> torch.optim.Optimizer:
+def _optimizer(net: nn.Module, conf: TrainingConf, fused: bool | None = None
+               ) -> torch.optim.Optimizer:
+    """AdamW, weight decay on matrices only; fused (one kernel per step) on CUDA by default."""
+    if fused is None:
+        fused = next(net.parameters()).is_cuda
     decay = [p for p in net.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in net.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": conf.weight_decay},
               {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=conf.lr, betas=(0.9, 0.98), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=conf.lr, betas=(0.9, 0.98), eps=1e-8, fused=fused)
 
 
 def _snapshot_points(n: int, span: float) -> list[float]:

@@ -76,6 +76,9 @@ def _ragged(b, t):
         (3, 17, 2, 16, SMALL),
         (2, 40, 4, 16, None),
         (3, 40, 2, 32, SMALL),
+        (2, 19, 4, 36, None),  # head dim of the shipped default model (d=144, 4 heads): padded
+        (2, 9, 3, 24, SMALL),
+        (1, 6, 2, 8, None),
     ],
 )
 @pytest.mark.parametrize("ragged", [False, True])
@@ -132,8 +135,9 @@ def test_key_offset_streaming_equals_full(device, tq, chunk_size, num_left_chunk
         (2, 5, 17, True, 12, [17, 15]),  # cached decoder steps: queries are keys 12..16
     ],
 )
-def test_attention_matches_ref(device, b, tq, tk, causal, query_offset, lengths):
-    h, d = 4, 16
+@pytest.mark.parametrize("d", [16, 36])
+def test_attention_matches_ref(device, b, tq, tk, causal, query_offset, lengths, d):
+    h = 4
     q, k, v = _qkv(b, tq, tk, h, d, torch.float32, device, seed=tq + tk)
     key_len = _lengths(lengths, device)
     kw = {"causal": causal, "query_offset": query_offset}
@@ -296,7 +300,7 @@ def test_reference_zeroes_fully_masked_rows():
 
 
 def test_unsupported_head_dim_raises(device):
-    q = torch.zeros(1, 4, 2, 24, device=device)
+    q = torch.zeros(1, 4, 2, 264, device=device)
     with pytest.raises(UnsupportedOptionError, match="head dims"):
         attention(q, q, q, _lengths([4], device))
 

@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_HEAD_DIMS = (16, 32, 64, 128)
+MAX_HEAD_DIM = 256  # any head dim up to this; tiles pad it to a power of two (masked)
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ def _attention_fwd_kernel(
     H, Tq, Tk, qk_scale,
     chunk_size, num_left_chunks, q_offset,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     REL_POS: tl.constexpr,
@@ -128,7 +129,8 @@ def _attention_fwd_kernel(
     h = (pid_bh % H).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # head dim padded to a power of two, masked
+    d_ok = offs_d < HEAD_DIM
     offs_n0 = tl.arange(0, BLOCK_N)
     q_pos = offs_m + q_offset  # key position of each query row
 
@@ -149,11 +151,11 @@ def _attention_fwd_kernel(
         hi = tl.minimum(hi, last_pos + 1)
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < Tq, other=0.0)
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Tq) & d_ok[None, :], other=0.0)
 
     if REL_POS:
-        bias_u = tl.load(BU + h * stride_buh + offs_d).to(tl.float32)
-        bias_v = tl.load(BV + h * stride_bvh + offs_d).to(tl.float32)
+        bias_u = tl.load(BU + h * stride_buh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        bias_v = tl.load(BV + h * stride_bvh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
 
     if CHUNK:
         chunk_idx = q_pos // chunk_size
@@ -163,7 +165,7 @@ def _attention_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     zero_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
     k_base = K + b * stride_kb + h * stride_kh
@@ -171,13 +173,14 @@ def _attention_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         key_ok = offs_n < kv_len  # padded keys are never read
+        kd_ok = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
-                    mask=key_ok[:, None], other=0.0)
+                    mask=kd_ok, other=0.0)
         if REL_POS:
             p = tl.load(P + h * stride_ph + offs_n[:, None] * stride_pt + offs_d[None, :],
-                        mask=key_ok[:, None], other=0.0).to(tl.float32)
+                        mask=kd_ok, other=0.0).to(tl.float32)
             k32 = k.to(tl.float32)
-            k_eff = (k32 + p).to(q.dtype)  # k' = k + p   (BLOCK_N, HEAD_DIM)
+            k_eff = (k32 + p).to(q.dtype)  # k' = k + p   (BLOCK_N, BLOCK_D)
             c = tl.sum(k32 * bias_u[None, :] + p * bias_v[None, :], axis=1)  # (BLOCK_N,)
             s = _dot(q, tl.trans(k_eff), zero_s, UPCAST_DOT, INPUT_PRECISION)
             s = (s + c[None, :]) * qk_scale
@@ -199,7 +202,7 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(prob, axis=1)
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
-                    mask=key_ok[:, None], other=0.0)
+                    mask=kd_ok, other=0.0)
         acc = acc * alpha[:, None]
         acc = _dot(prob.to(v.dtype), v, acc, UPCAST_DOT, INPUT_PRECISION)
         m_i = m_new
@@ -207,7 +210,7 @@ def _attention_fwd_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # fully masked rows: acc == 0 -> output 0
     out = acc / l_safe[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < Tq)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Tq) & d_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,8 +240,10 @@ def _default_config(head_dim: int, dtype: torch.dtype, tq: int, interpret: bool)
         return AttentionConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
     if tq <= 64:
         return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+    if head_dim > 128:
+        return AttentionConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
     return AttentionConfig(block_m=128, block_n=64, num_warps=8,
-                           num_stages=2 if head_dim >= 128 else 3)
+                           num_stages=2 if head_dim > 64 else 3)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -253,8 +258,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise UnsupportedOptionError(f"attention kernel supports float32/float16/bfloat16 with "
                                      f"one dtype for q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] not in _HEAD_DIMS:
-        raise UnsupportedOptionError(f"attention kernel supports head dims {_HEAD_DIMS}; "
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise UnsupportedOptionError(f"attention kernel supports head dims 1..{MAX_HEAD_DIM}; "
                                      f"got {q.shape[-1]}")
     if key_lengths.shape != (q.shape[0],) or key_lengths.dtype.is_floating_point:
         raise ValueError(f"key_lengths must be an integer tensor of shape ({q.shape[0]},); got "
@@ -305,6 +310,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torc
         heads, tq, tk, scale * math.log2(math.e),
         max(chunk_size, 1), num_left_chunks, q_offset,
         HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         REL_POS=pos is not None,

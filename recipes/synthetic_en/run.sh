@@ -8,7 +8,8 @@
 #
 # Settings (environment): OUT_DIR, NUM_TRAIN_UTTS, NUM_DEV_UTTS, NUM_TEST_UTTS (>= 500 for the
 # real test set), STEPS (max optimizer steps), TIME_BUDGET_MIN (training minutes, 0 = steps only),
-# DEVICE (auto|cpu|cuda), PRESET (default|tiny), WORKERS, DEB_DIR (.deb files from fetch_debs.sh,
+# DEVICE (auto|cpu|cuda), PRESET (default|tiny), WORKERS, TRAIN_OPTS (more train.py options,
+# e.g. --pause-after-min 7 / --resume for a machine with a per-command time limit), DEB_DIR (.deb files from fetch_debs.sh,
 # used when espeak-ng is not installed), AVERAGE, CKPT_DTYPE, STAGE / STOP_STAGE, PY.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,11 +19,11 @@ if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 OUT_DIR=${OUT_DIR:-out/synthetic_en}
-NUM_TRAIN_UTTS=${NUM_TRAIN_UTTS:-40000}
+NUM_TRAIN_UTTS=${NUM_TRAIN_UTTS:-60000}
 NUM_DEV_UTTS=${NUM_DEV_UTTS:-300}
 NUM_TEST_UTTS=${NUM_TEST_UTTS:-500}
 STEPS=${STEPS:-100000}
-TIME_BUDGET_MIN=${TIME_BUDGET_MIN:-9}
+TIME_BUDGET_MIN=${TIME_BUDGET_MIN:-12}
 DEVICE=${DEVICE:-auto}
 PRESET=${PRESET:-default}
 WORKERS=${WORKERS:-$(nproc)}
@@ -82,7 +83,7 @@ run_stage 0 data "$PY" -m recipes.synthetic_en.prepare_data --out "$data" \
   --workers "$WORKERS" --deb-dir "$DEB_DIR"
 run_stage 1 train "$PY" -m recipes.synthetic_en.train --data "$data" --exp "$exp" \
   --preset "$PRESET" --steps "$STEPS" --time-budget-min "$TIME_BUDGET_MIN" --device "$DEVICE" \
-  --average "$AVERAGE"
+  --average "$AVERAGE" ${TRAIN_OPTS:-}
 run_stage 2 export "$PY" -m recipes.synthetic_en.export --exp "$exp" --out "$model" \
   --average "$AVERAGE" --dtype "$CKPT_DTYPE"
 run_stage 3 eval evaluate

@@ -356,6 +356,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--pause-after-min", type=float, default=0.0,
+                   help="save exp/resume.pt and exit after this many training minutes (for "
+                        "machines with a per-command time limit); 0: never")
+    p.add_argument("--pause-after-steps", type=int, default=0,
+                   help="as --pause-after-min, after this many steps of this run; 0: never")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from exp/resume.pt (same data, settings and budget)")
     return p.parse_args(argv)
 
 
@@ -412,6 +419,22 @@ def train_step(net: ConformerASR, opt: torch.optim.Optimizer, batch: Batch, lr: 
     return out
 
 
+def _save_resume(exp: Path, net: nn.Module, opt: torch.optim.Optimizer,
+                 rng: np.random.Generator, gen: torch.Generator, **state) -> None:
+    """Everything needed to continue this run bit-for-bit: weights, optimizer, RNGs, batches."""
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
+                "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": cuda_rng, **state}, exp / "resume.pt")
+
+
+def _load_resume(exp: Path, device: torch.device) -> dict | None:
+    path = exp / "resume.pt"
+    if not path.exists():
+        sys.exit(f"train: --resume given but {path} does not exist")
+    return torch.load(path, map_location=device, weights_only=False)
+
+
 def _prepare_exp(exp: Path, raw: dict, data: Path) -> None:
     (exp / "snapshots").mkdir(parents=True, exist_ok=True)
     for old in (exp / "snapshots").glob("*.pt"):
@@ -430,7 +453,9 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     exp: Path = args.exp
-    _prepare_exp(exp, raw, args.data)
+    resume = _load_resume(exp, device) if args.resume else None
+    if resume is None:
+        _prepare_exp(exp, raw, args.data)
     t0 = time.perf_counter()
     train = load_split(args.data / "train", device, args.max_train_utts)
     dev = load_split(args.data / "dev", device)
@@ -445,11 +470,35 @@ def main(argv=None) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     budget = args.time_budget_min * 60.0
     snaps = _snapshot_points(args.average, args.average_span)
-    log = (exp / "train_log.jsonl").open("w")
     batches: list[np.ndarray] = []
-    step, progress, frames_seen, t_start = 0, 0.0, 0, time.perf_counter()
-    last_log = {"time": t_start, "frames": 0}
+    step, progress, frames_seen, done_s = 0, 0.0, 0, 0.0
+    if resume is not None:
+        net.load_state_dict(resume["net"])
+        opt.load_state_dict(resume["opt"])
+        rng.bit_generator.state = resume["rng"]
+        gen.set_state(resume["gen"].cpu())
+        torch.set_rng_state(resume["torch_rng"].cpu())  # dropout draws from the global RNGs
+        if resume["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all([t.cpu() for t in resume["cuda_rng"]])
+        step, progress, frames_seen, done_s = (resume[k] for k in ("step", "progress",
+                                                                   "frames_seen", "train_s"))
+        snaps, batches = resume["snaps"], resume["batches"]
+        print(f"resumed at step {step} after {done_s:.1f} s of training", flush=True)
+    log = (exp / "train_log.jsonl").open("a" if resume is not None else "w")
+    t_start = time.perf_counter() - done_s  # elapsed time counts the paused runs too
+    t_session, session_step = time.perf_counter(), step
+    last_log = {"time": time.perf_counter(), "frames": frames_seen}
     while progress < 1.0:
+        session_s = time.perf_counter() - t_session
+        if (args.pause_after_min and session_s > args.pause_after_min * 60) or (
+                args.pause_after_steps and step - session_step >= args.pause_after_steps):
+            _save_resume(exp, net, opt, rng, gen, step=step, progress=progress,
+                         frames_seen=frames_seen, train_s=time.perf_counter() - t_start,
+                         snaps=snaps, batches=batches)
+            log.close()
+            print(f"paused at step {step} (progress {progress:.3f}); resume with --resume",
+                  flush=True)
+            return 0
         if not batches:
             batches = make_batches(train.lengths_cpu, conf.max_frames_in_batch, rng)
         idx = batches.pop()
@@ -480,6 +529,7 @@ def main(argv=None) -> int:
             path = exp / "snapshots" / f"step_{step:07d}.pt"
             torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)
     log.close()
+    (exp / "resume.pt").unlink(missing_ok=True)
     info = {"steps": step, "train_seconds": round(time.perf_counter() - t_start, 1),
             "epochs": round(frames_seen / train.lengths_cpu.sum(), 2),
             "train_utterances": len(train), "parameters": n_params, "device": str(device),

@@ -70,10 +70,10 @@ class TrainingConf:
     ctc_weight: float = 0.3
     reverse_weight: float = 0.3
     lsm_weight: float = 0.1
-    lr: float = 1.5e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 600
-    max_frames_in_batch: int = 60000
+    max_frames_in_batch: int = 150000
     grad_clip: float = 5.0
     num_t_mask: int = 2
     num_f_mask: int = 2

@@ -230,6 +230,22 @@ def test_tiny_pipeline(tmp_path, shared, words, capsys):
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 20 and np.mean(losses[-3:]) < 0.85 * np.mean(losses[:2])
 
+    # A run paused after 7 steps and resumed (the per-command limit of the GPU machine) ends
+    # with the same weights as the uninterrupted run.
+    exp2 = tmp_path / "exp_resumed"
+    args = ["--data", str(data), "--exp", str(exp2), "--preset", "tiny", "--steps", "20",
+            "--device", "cpu", "--max-frames", "20000", "--lr", "4e-3", "--warmup-frac", "0.1",
+            "--log-every", "1", "--eval-every", "100", "--average", "3"]
+    train.main(args + ["--pause-after-steps", "7"])
+    assert (exp2 / "resume.pt").exists() and not (exp2 / "train_info.json").exists()
+    train.main(args + ["--resume"])
+    assert not (exp2 / "resume.pt").exists()
+    for snap in sorted((exp / "snapshots").glob("*.pt")):
+        a = torch.load(snap, weights_only=True)
+        b = torch.load(exp2 / "snapshots" / snap.name, weights_only=True)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
     model_dir = export.export(exp, tmp_path / "model", average=3)
     sd = torch.load(model_dir / "final.pt", weights_only=True)
     mean, istd = cmvn_from_stats(torch.tensor(stats["mean_stat"]),

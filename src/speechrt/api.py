@@ -30,6 +30,7 @@ class DecodeOptions:
     decoding_chunk_size: int = -1
     num_decoding_left_chunks: int = -1
     simulate_streaming: bool = False
+    length_penalty: float = 0.0  # method "attention": rank final beams by score / len**penalty
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -42,6 +43,8 @@ class DecodeOptions:
             raise UnsupportedOptionError(
                 f"reverse_weight must be in [0, 1], got {self.reverse_weight}"
             )
+        if self.length_penalty < 0:
+            raise UnsupportedOptionError(f"length_penalty must be >= 0, got {self.length_penalty}")
         if self.ctc_weight < 0:
             raise UnsupportedOptionError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
         if self.decoding_chunk_size == 0 or self.decoding_chunk_size < -1:

@@ -77,9 +77,10 @@ def test_beam_search_matches_oracle_on_toy_decoder(seed):
     b, w = 1 + seed % 4, 1 + seed % min(4, v)
     lm = _TableLM(v, seed, eos, eos_bias=[-3.0, 0.0, 2.0][seed % 3])
     max_lens = torch.randint(1, 20, (b,), generator=gen)
-    res = attention_beam_search(lm.step_fn(b, w), b, w, sos, eos, max_lens, "cpu")
+    lp = [0.0, 1.0, 0.5][seed % 3 if seed >= 12 else 0]  # WeNet's final score / len**lp ranking
+    res = attention_beam_search(lm.step_fn(b, w), b, w, sos, eos, max_lens, "cpu", lp)
     for bi in range(b):
-        tokens, score = attention_beam_search_ref(lm.next, w, sos, eos, int(max_lens[bi]))
+        tokens, score = attention_beam_search_ref(lm.next, w, sos, eos, int(max_lens[bi]), lp)
         n = int(res.lengths[bi])
         assert res.tokens[bi, :n].tolist() == tokens
         assert float(res.scores[bi]) == pytest.approx(score, abs=1e-4)

@@ -27,6 +27,12 @@ def add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctc-weight", type=float, default=0.5)
     p.add_argument("--reverse-weight", type=float, default=0.0)
     p.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.0,
+        help="method attention: rank final beams by score / length**penalty (WeNet; 0 = off)",
+    )
+    p.add_argument(
         "--chunk-size",
         dest="decoding_chunk_size",
         type=int,
@@ -48,6 +54,7 @@ def decode_kwargs(args: argparse.Namespace) -> dict:
         beam_size=10 if args.beam_size is None else args.beam_size,
         ctc_weight=args.ctc_weight,
         reverse_weight=args.reverse_weight,
+        length_penalty=args.length_penalty,
         decoding_chunk_size=args.decoding_chunk_size,
         num_decoding_left_chunks=args.num_decoding_left_chunks,
         simulate_streaming=args.simulate_streaming,

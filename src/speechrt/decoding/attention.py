@@ -37,8 +37,14 @@ def attention_beam_search(
     eos: int,
     max_lengths: torch.Tensor,
     device: torch.device | str,
+    length_penalty: float = 0.0,
 ) -> BeamSearchResult:
-    """Beam search; max_lengths (B,) = each utterance's encoder length (WeNet's ``maxlen``)."""
+    """Beam search; max_lengths (B,) = each utterance's encoder length (WeNet's ``maxlen``).
+
+    The final beams are ranked by ``score / num_tokens ** length_penalty`` (WeNet's rule; 0 =
+    plain log-prob sums, which favours short hypotheses when the decoder was trained with label
+    smoothing); the returned score is that ranked value.
+    """
     b, w = batch_size, beam_size
     max_steps = int(max_lengths.max()) if max_lengths.numel() else 0  # sync-ok: once, before loop
     scores = torch.full((b, w), float("-inf"), device=device)
@@ -71,6 +77,10 @@ def attention_beam_search(
         scores = torch.where(active, new_scores, scores)
         last = torch.where(active, new_tok, last[ar, parents])
         ended = torch.where(active, new_tok == eos, ended)
+    if length_penalty:
+        lengths = (tokens != eos).sum(-1).float()  # (B, W) tokens without sos/eos
+        # An empty hypothesis divides by zero: -inf, as in WeNet (never nan, even for score 0).
+        scores = torch.where(lengths > 0, scores / lengths.pow(length_penalty), float("-inf"))
     best_score, _ = scores.max(dim=-1)
     best = (scores == best_score.unsqueeze(-1)).to(torch.int8).argmax(dim=-1)
     hyp = tokens[torch.arange(b, device=device), best]  # (B, S)

@@ -202,7 +202,7 @@ def attention_rescoring_ref(
 
 
 def attention_beam_search_ref(
-    next_log_probs, beam_size: int, sos: int, eos: int, max_len: int
+    next_log_probs, beam_size: int, sos: int, eos: int, max_len: int, length_penalty: float = 0.0
 ) -> tuple[list[int], float]:
     """WeNet's ``attention_beam_search`` for one utterance, recomputing every prefix.
 
@@ -210,8 +210,9 @@ def attention_beam_search_ref(
     (which starts with sos). Beams start as [sos] with scores [0, -inf, ...]; each step expands
     every beam by its top ``beam_size`` tokens (a finished beam only by eos with log-prob 0),
     keeps the best ``beam_size`` of the ``beam_size**2`` candidates (ties: lower flat index),
-    and stops after ``max_len`` steps or when every beam ended with eos.
-    Returns (tokens without sos/eos, score of the best beam).
+    and stops after ``max_len`` steps or when every beam ended with eos; the final beams are
+    ranked by ``score / num_tokens ** length_penalty`` (first beam wins ties).
+    Returns (tokens without sos/eos, ranked score of the best beam).
     """
     beams = [([sos], 0.0 if i == 0 else NEG_INF) for i in range(beam_size)]
     for _ in range(max_len):
@@ -228,6 +229,12 @@ def attention_beam_search_ref(
             cands += [(score + v, seq + [tok]) for v, tok in tops]
         order = sorted(range(len(cands)), key=lambda k: (-cands[k][0], k))[:beam_size]
         beams = [(cands[k][1], cands[k][0]) for k in order]
-    seq, score = max(beams, key=lambda b: b[1])
+    ranked = []
+    for seq, score in beams:
+        n = sum(t != eos for t in seq[1:])
+        if length_penalty:  # an empty hypothesis divides by zero: -inf, as in WeNet
+            score = score / n**length_penalty if n else NEG_INF
+        ranked.append((seq, score))
+    seq, score = max(ranked, key=lambda b: b[1])
     return [t for t in seq[1:] if t != eos], score
 

@@ -199,6 +199,7 @@ class WenetModel(Model):
                 cfg.eos,
                 enc_lens,
                 enc.device,
+                opts.length_penalty,
             )
             return _best_only(res.tokens, res.lengths, res.scores)
         logp = self.net.ctc_log_probs(enc.to(self.net.ctc.weight.dtype))
@@ -273,6 +274,7 @@ class WenetModel(Model):
         simulate_streaming: bool = False,
         sample_rate: int | None = None,
         batch_size: int = 16,
+        length_penalty: float = 0.0,
     ) -> Transcript | list[Transcript]:
         """Transcribe one input (-> Transcript) or a list (-> list, batched by length)."""
         opts = dict(
@@ -283,6 +285,7 @@ class WenetModel(Model):
             decoding_chunk_size=decoding_chunk_size,
             num_decoding_left_chunks=num_decoding_left_chunks,
             simulate_streaming=simulate_streaming,
+            length_penalty=length_penalty,
         )
         self._options(**opts)
         single = not isinstance(audio, (list, tuple))

@@ -121,3 +121,20 @@ def test_graph_keys_are_bucketed(shared):
     assert len(keys["enc"]) == len(keys["ctc"]) == len(keys["resc"]) == 1
     (resc,) = keys["resc"]
     assert resc[1] in eng.buckets.batch_sizes and resc[4] % 16 == 0
+
+
+@pytest.mark.parametrize("triton_front", [True, False])
+def test_conv_front_paths_equal_torch(shared, triton_front):
+    """The encoder with its conv subsampling front on the Triton kernel (CMVN + both convs in
+    one launch) and on cuDNN/ATen convs, against the torch modules."""
+    d, feats, lens = _load(shared, "conformer_ctc_aed")
+    ref = load_wenet(d, device=DEVICE, engine="torch")
+    fast = load_wenet(d, device=DEVICE, engine="fused", cuda_graphs=False)
+    enc = fast.engine.encoder
+    assert enc.triton_front == (DEVICE == "cuda")  # the default: on with CUDA + Triton
+    enc.triton_front = triton_front
+    a, al = ref.encode(feats, lens)
+    b, bl = fast.encode(feats, lens)
+    assert al.tolist() == bl.tolist()
+    for i, n in enumerate(al.tolist()):
+        torch.testing.assert_close(b[i, :n], a[i, :n], atol=ATOL, rtol=1e-5)

@@ -35,6 +35,7 @@ from speechrt.kernels.conv_subsampling import (
     pack_conv_subsampling,
 )
 from speechrt.kernels.layer_norm import add_layer_norm, layer_norm
+from speechrt.kernels.linear_act import linear_act
 from speechrt.kernels.log_softmax import linear_log_softmax
 from speechrt.layers.positional import positions
 from speechrt.models.conformer.model import ConformerASR
@@ -102,6 +103,10 @@ class FusedEncoder:
     in channels-last. None (default) turns it on when the weights are on CUDA and Triton is
     installed; the attribute of the same name can be flipped later (before graph capture) to
     compare the two paths. The cuDNN path stays the fallback for other input layers.
+
+    ``triton_ffn``: run each FFN's first GEMM with its activation in the epilogue
+    (:func:`~speechrt.kernels.linear_act.linear_act`) instead of cuBLAS ``F.linear`` plus a
+    separate activation kernel. Off by default until H200 numbers favour it; also an attribute.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class FusedEncoder:
         precision: Precision,
         pad_mode: str = "zero",
         triton_front: bool | None = None,
+        triton_ffn: bool = False,
     ):
         reason = supports_fused(net)
         if reason:
@@ -120,6 +126,8 @@ class FusedEncoder:
         self.residual_dtype = precision.residual
         self.pad_mode = pad_mode
         self.act = _ACT[self.cfg.activation_type]
+        self.act_name = "swish" if self.cfg.activation_type == "silu" else self.cfg.activation_type
+        self.triton_ffn = triton_ffn
         self.subsampling = enc.subsampling
         self.sub_dtype = self.dtype
         self._front = self._prepare_front(enc.subsampling) if enc.subsampling.convs else None
@@ -258,6 +266,9 @@ class FusedEncoder:
         return p
 
     def _ffn(self, y, w1, b1, w2):
+        """y (B, T, D) -> w2 act(w1 y + b1), (B, T, D) without w2's bias."""
+        if self.triton_ffn:
+            return F.linear(linear_act(y, w1, b1, self.act_name), w2)
         return F.linear(self.act(F.linear(y, w1, b1)), w2)
 
     def _block(self, x, y, blk, lengths, chunk, left, pe):
@@ -299,7 +310,7 @@ class FusedEncoder:
             lengths,
             causal=blk["causal"],
             norm=blk["conv_norm"],
-            activation=self.cfg.activation_type if self.cfg.activation_type != "silu" else "swish",
+            activation=self.act_name,
             pad_mode=self.pad_mode,
             cache=cache,
             **conv_kw,

@@ -70,7 +70,7 @@ def test_matches_two_conv2d(b, t, f, c, dtype, device, check_output, max_err):
     "config",
     [
         ConvFrontConfig(16, 16, 16, 4, 1),  # C=40: three column tiles, the last one ragged
-        ConvFrontConfig(32, 64, 32, 4, 1, half_conv1=True),
+        ConvFrontConfig(32, 64, 32, 4, 1),
     ],
     ids=str,
 )

@@ -8,20 +8,27 @@ The front of a 4x-subsampling speech encoder::
 with ``T1 = (T - 1) // 2``, ``T2 = (T1 - 1) // 2`` (F1, F2 likewise). It runs as one implicit GEMM
 for the second conv: M = B*T2*F2 output positions, N = C output channels, K = 9 taps x C input
 channels, float32 accumulation on tensor cores (``tl.dot``). The A operand is never read from
-memory: each (position, tap, input channel) value is ``relu(b1 + 9 FMAs)`` of nine input samples,
-recomputed in float32 from the raw (B, T, F) features (with CMVN ``(x - mean) * istd`` applied
-as they are read), rounded to the compute dtype and fed to the dot. So the (B, C, T1, F1) conv1
-output, the largest tensor of the whole encoder, never exists. Every conv1 value is recomputed by
-the (up to) 2 x 2 output positions whose windows hold it (about 2.25x conv1's FMAs in all).
+memory, so the (B, C, T1, F1) conv1 output, the largest tensor of the whole encoder, never
+exists: output position (t2, f2) sees the 7 x 7 input patch at frames ``4*t2 + [0, 7)`` and bins
+``4*f2 + [0, 7)``; each program loads its rows' patches once (CMVN ``(x - mean) * istd``
+applied on the way in, a constant-1 column for the bias), and every K step recomputes the A
+tile -- conv1 + bias + ReLU of BLOCK_K channels at one conv2 tap -- as a second small GEMM,
+``patch (BLOCK_M, 64) @ W1[tap] (64, BLOCK_K)``, where ``W1[tap]`` holds conv1's 3 x 3 weights at
+the tap's offset in the patch (zeros elsewhere). Like attention's ``P @ V``, the ReLU'd tile goes
+from the accumulator straight into the next dot as the A operand. Recomputing costs about 25%
+more tensor-core work than the conv2 GEMM alone (K 64 per BLOCK_K columns vs N = C per column),
+far less than the 652 MB round trip through memory it replaces at 64 x 1024 frames.
 
 The output is (B, T2, F2 * C) with column ``f * C + c`` (channels fastest), i.e. the flattened
 NHWC layout: the following projection needs its weight columns in that order (PyTorch's
 ``x.transpose(1, 2).reshape(B, T2, C * F2)`` orders them ``c * F2 + f``).
 
-Weights are packed once by :func:`pack_conv_subsampling`: conv1 in float32, conv2 in the compute
-dtype as a (9*C, C) K-major matrix. Float32 uses IEEE float32 dots (no TF32); float16/bfloat16
-products are exact in float32 and accumulate in float32. :func:`conv_subsampling_ref` is the
-plain-torch reference (the two ``F.conv2d`` calls) that tests and benchmarks import.
+Precision: the CMVN'd input, both conv weights and conv1's bias are rounded to the compute
+dtype (as a module run in that dtype does), products are exact and accumulate in float32, conv1
+is rounded once more after its ReLU, conv2's bias and ReLU apply in float32 before the output's
+rounding. Float32 uses IEEE float32 dots (no TF32). Weights are packed once by
+:func:`pack_conv_subsampling`. :func:`conv_subsampling_ref` is the plain-torch reference (the two
+``F.conv2d`` calls) that tests and benchmarks import.
 """
 
 from __future__ import annotations
@@ -62,22 +69,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ConvFrontConfig:
-    """Launch configuration: tile sizes, warps, pipeline stages.
-
-    half_conv1: compute the recomputed conv1 values in float16 instead of float32 (float16 only;
-    halves the CUDA-core work of the A operand at some accuracy cost; ignored for other dtypes).
-    """
+    """Launch configuration: output tile (BLOCK_M positions x BLOCK_N channels), BLOCK_K input
+    channels per K step, warps, pipeline stages."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
-    half_conv1: bool = False
 
     def __str__(self) -> str:
         tiles = f"m{self.block_m}n{self.block_n}k{self.block_k}"
-        return f"{tiles}w{self.num_warps}s{self.num_stages}{'-h' if self.half_conv1 else ''}"
+        return f"{tiles}w{self.num_warps}s{self.num_stages}"
 
 
 # Candidates for float16/bfloat16 on an H200 (bench/conv_front_micro.py sweeps them). BLOCK_N
@@ -86,21 +89,21 @@ CONFIGS: tuple[ConvFrontConfig, ...] = (
     ConvFrontConfig(128, 256, 32, 8, 3),
     ConvFrontConfig(128, 256, 64, 8, 3),
     ConvFrontConfig(128, 256, 32, 8, 4),
+    ConvFrontConfig(128, 256, 16, 8, 4),
     ConvFrontConfig(64, 256, 32, 4, 3),
     ConvFrontConfig(64, 256, 64, 4, 3),
     ConvFrontConfig(128, 128, 32, 4, 3),
     ConvFrontConfig(128, 128, 64, 8, 3),
     ConvFrontConfig(256, 128, 32, 8, 3),
     ConvFrontConfig(64, 128, 64, 4, 3),
-    ConvFrontConfig(128, 256, 32, 8, 3, half_conv1=True),
-    ConvFrontConfig(64, 256, 32, 4, 3, half_conv1=True),
 )
-# Float32 (IEEE dots on CUDA cores): small tiles.
+# Float32 (IEEE dots on CUDA cores): small tiles (64 x 128 with 4 warps spills registers).
 CONFIGS_FP32: tuple[ConvFrontConfig, ...] = (
-    ConvFrontConfig(64, 128, 32, 4, 2),
     ConvFrontConfig(64, 64, 32, 4, 2),
     ConvFrontConfig(32, 128, 32, 4, 2),
+    ConvFrontConfig(64, 128, 32, 8, 2),
 )
+PATCH = 64  # 7 x 7 input samples + 1 (the bias column), padded to a power of two
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,47 +112,11 @@ CONFIGS_FP32: tuple[ConvFrontConfig, ...] = (
 
 
 @triton.jit
-def _sample(
-    x_rows,
-    f_cols,
-    row_ok,
-    MEAN,
-    ISTD,
-    dt,
-    df,
-    sxt,
-    sxf,
-    HAS_CMVN: tl.constexpr,
-    HALF: tl.constexpr,
-):
-    """(BLOCK_M,) input samples at (frame + dt, bin + df) of each row, CMVN applied."""
-    v = tl.load(x_rows + dt * sxt + df * sxf, mask=row_ok, other=0.0).to(tl.float32)
-    if HAS_CMVN:
-        f = f_cols + df
-        mean = tl.load(MEAN + f, mask=row_ok, other=0.0)
-        istd = tl.load(ISTD + f, mask=row_ok, other=0.0)
-        v = (v - mean) * istd
-    if HALF:
-        v = v.to(tl.float16)
-    return v
-
-
-@triton.jit
-def _weight(W1, row: tl.constexpr, ks, k_ok, C, HALF: tl.constexpr):
-    """(BLOCK_K,) conv1 weights of kernel position ``row`` (p * 3 + q) for channels ks."""
-    w = tl.load(W1 + row * C + ks, mask=k_ok, other=0.0)
-    if HALF:
-        w = w.to(tl.float16)
-    return w
-
-
-@triton.jit
 def _conv_front_kernel(
     X,  # (B, T, F) raw features, any strides
     MEAN,  # (F,) float32 CMVN mean (HAS_CMVN)
     ISTD,  # (F,) float32 CMVN inverse std (HAS_CMVN)
-    W1,  # (9, C) float32 conv1 weight, row p * 3 + q
-    B1,  # (C,) float32 conv1 bias
+    W1,  # (9 * PATCH, C) conv1 as a patch matrix per conv2 tap, compute dtype
     W2,  # (9 * C, C) conv2 weight in the compute dtype, row (i * 3 + j) * C + c_in
     B2,  # (C,) float32 conv2 bias
     OUT,  # (M, C) = (B, T2, F2 * C), row stride stride_om
@@ -160,12 +127,13 @@ def _conv_front_kernel(
     sxb,
     sxt,
     sxf,
+    stride_w1,
     stride_w2,
     stride_om,
     HAS_CMVN: tl.constexpr,
-    HALF_CONV1: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    PATCH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -176,68 +144,52 @@ def _conv_front_kernel(
     rem = rows - bi * T2F2
     t2 = rem // F2
     f2 = rem - t2 * F2
-    # Output (t2, f2) reads input frames 4*t2 + [0, 7) and bins 4*f2 + [0, 7).
-    x_rows = X + bi.to(tl.int64) * sxb + (4 * t2).to(tl.int64) * sxt + (4 * f2).to(tl.int64) * sxf
-    f_cols = 4 * f2
+    # The 7 x 7 input patch of each output position (frames 4*t2 + r, bins 4*f2 + s), once per
+    # tile: column r * 7 + s, column 49 = 1 (it multiplies conv1's bias), the rest 0.
+    pc = tl.arange(0, PATCH)
+    r = pc // 7
+    s = pc - 7 * r
+    in_patch = pc < 49
+    x_ptr = (X + bi.to(tl.int64)[:, None] * sxb + (4 * t2[:, None] + r[None, :]).to(tl.int64) * sxt
+             + (4 * f2[:, None] + s[None, :]).to(tl.int64) * sxf)  # fmt: skip
+    p_ok = row_ok[:, None] & in_patch[None, :]
+    patch = tl.load(x_ptr, mask=p_ok, other=0.0).to(tl.float32)  # (BLOCK_M, PATCH)
+    if HAS_CMVN:
+        f = 4 * f2[:, None] + s[None, :]
+        mean = tl.load(MEAN + f, mask=p_ok, other=0.0)
+        istd = tl.load(ISTD + f, mask=p_ok, other=0.0)
+        patch = (patch - mean) * istd
+    patch = tl.where((pc == 49)[None, :], 1.0, patch)
+    if not UPCAST:
+        patch = patch.to(W2.dtype.element_ty)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(9):  # conv2 kernel position (i, j): conv1 output (2*t2 + i, 2*f2 + j)
-        i = tap // 3
-        j = tap - 3 * i
-        r0 = 2 * i
-        c0 = 2 * j
-        # The nine input samples of that conv1 output, shared by every input channel.
-        x00 = _sample(x_rows, f_cols, row_ok, MEAN, ISTD, r0, c0, sxt, sxf, HAS_CMVN, HALF_CONV1)
-        x01 = _sample(
-            x_rows, f_cols, row_ok, MEAN, ISTD, r0, c0 + 1, sxt, sxf, HAS_CMVN, HALF_CONV1
-        )
-        x02 = _sample(
-            x_rows, f_cols, row_ok, MEAN, ISTD, r0, c0 + 2, sxt, sxf, HAS_CMVN, HALF_CONV1
-        )
-        x10 = _sample(
-            x_rows, f_cols, row_ok, MEAN, ISTD, r0 + 1, c0, sxt, sxf, HAS_CMVN, HALF_CONV1
-        )
-        x11 = _sample(
-            x_rows, f_cols, row_ok, MEAN, ISTD, r0 + 1, c0 + 1, sxt, sxf, HAS_CMVN, HALF_CONV1
-        )
-        x12 = _sample(
-            x_rows, f_cols, row_ok, MEAN, ISTD, r0 + 1, c0 + 2, sxt, sxf, HAS_CMVN, HALF_CONV1
-        )
-        x20 = _sample(
-            x_rows, f_cols, row_ok, MEAN, ISTD, r0 + 2, c0, sxt, sxf, HAS_CMVN, HALF_CONV1
-        )
-        x21 = _sample(
-            x_rows, f_cols, row_ok, MEAN, ISTD, r0 + 2, c0 + 1, sxt, sxf, HAS_CMVN, HALF_CONV1
-        )
-        x22 = _sample(
-            x_rows, f_cols, row_ok, MEAN, ISTD, r0 + 2, c0 + 2, sxt, sxf, HAS_CMVN, HALF_CONV1
-        )
-        for k0 in range(0, C, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < C
-            # A tile (BLOCK_M, BLOCK_K): conv1 + bias + ReLU of channels ks; 0 where ks >= C.
-            h = tl.load(B1 + ks, mask=k_ok, other=0.0)[None, :]
-            if HALF_CONV1:
-                h = h.to(tl.float16)
-            h = h + x00[:, None] * _weight(W1, 0, ks, k_ok, C, HALF_CONV1)[None, :]
-            h = h + x01[:, None] * _weight(W1, 1, ks, k_ok, C, HALF_CONV1)[None, :]
-            h = h + x02[:, None] * _weight(W1, 2, ks, k_ok, C, HALF_CONV1)[None, :]
-            h = h + x10[:, None] * _weight(W1, 3, ks, k_ok, C, HALF_CONV1)[None, :]
-            h = h + x11[:, None] * _weight(W1, 4, ks, k_ok, C, HALF_CONV1)[None, :]
-            h = h + x12[:, None] * _weight(W1, 5, ks, k_ok, C, HALF_CONV1)[None, :]
-            h = h + x20[:, None] * _weight(W1, 6, ks, k_ok, C, HALF_CONV1)[None, :]
-            h = h + x21[:, None] * _weight(W1, 7, ks, k_ok, C, HALF_CONV1)[None, :]
-            h = h + x22[:, None] * _weight(W1, 8, ks, k_ok, C, HALF_CONV1)[None, :]
-            a = tl.maximum(h, 0.0).to(W2.dtype.element_ty)
-            w = tl.load(
-                W2 + (tap * C + ks).to(tl.int64)[:, None] * stride_w2 + cols[None, :],
-                mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )  # (BLOCK_K, BLOCK_N)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+    n_chunks = tl.cdiv(C, BLOCK_K)
+    for it in range(9 * n_chunks):  # (conv2 tap, chunk of conv1 channels)
+        tap = it // n_chunks
+        ks = (it - tap * n_chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < C
+        # conv1 + bias of channels ks at the tap's conv1 position, as a small GEMM on the patch.
+        w1 = tl.load(
+            W1 + (tap * PATCH + pc).to(tl.int64)[:, None] * stride_w1 + ks[None, :],
+            mask=k_ok[None, :],
+            other=0.0,
+        )  # (PATCH, BLOCK_K)
+        if UPCAST:
+            w1 = w1.to(tl.float32)
+        h = tl.dot(patch, w1, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_K) float32
+        a = tl.maximum(h, 0.0)
+        w2 = tl.load(
+            W2 + (tap * C + ks).to(tl.int64)[:, None] * stride_w2 + cols[None, :],
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_K, BLOCK_N)
+        if UPCAST:
+            w2 = w2.to(tl.float32)
+        else:
+            a = a.to(W2.dtype.element_ty)
+        acc = tl.dot(a, w2, acc, input_precision=INPUT_PRECISION)
     acc += tl.load(B2 + cols, mask=col_ok, other=0.0)[None, :]
     acc = tl.maximum(acc, 0.0)
     out = OUT + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
@@ -253,14 +205,14 @@ def _conv_front_kernel(
 class ConvSubsamplingWeights:
     """Packed weights of the two convs (see :func:`pack_conv_subsampling`).
 
-    w1: (9, C) float32, row ``p * 3 + q`` = conv1 weight at kernel position (p, q).
-    b1: (C,) float32.
+    w1: (9 * 64, C) compute dtype: for conv2 tap (i, j), rows ``tap * 64 + r * 7 + s`` hold
+        conv1's weight at kernel position (r - 2i, s - 2j) (0 outside the 3 x 3 window), row
+        ``tap * 64 + 49`` conv1's bias, so that ``patch @ w1[tap]`` is conv1 at the tap.
     w2: (9 * C, C) compute dtype, row ``(i * 3 + j) * C + c_in``, column c_out.
     b2: (C,) float32.
     """
 
     w1: torch.Tensor
-    b1: torch.Tensor
     w2: torch.Tensor
     b2: torch.Tensor
 
@@ -301,11 +253,22 @@ def pack_conv_subsampling(
         raise ValueError(f"conv2 must have {c} output channels, got {conv2_weight.shape[0]}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"compute dtype must be float32, float16 or bfloat16, got {dtype}")
-    w1 = conv1_weight.detach().float().reshape(c, 9).t().contiguous()  # (9, C)
+    w1 = conv1_weight.detach().float().reshape(c, 3, 3)  # (C, p, q)
+    patch = torch.zeros(9, 7, 7, c, device=w1.device)  # (tap, r, s, C)
+    for i in range(3):
+        for j in range(3):
+            patch[i * 3 + j, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3] = w1.permute(1, 2, 0)
+    patch = torch.cat(
+        [
+            patch.reshape(9, 49, c),
+            conv1_bias.detach().float().expand(9, 1, c),  # row 49: the bias
+            torch.zeros(9, PATCH - 50, c, device=w1.device),
+        ],
+        dim=1,
+    )  # (9, PATCH, C)
     w2 = conv2_weight.detach().permute(2, 3, 1, 0).reshape(9 * c, c)  # (9*C_in, C_out)
     return ConvSubsamplingWeights(
-        w1=w1,
-        b1=conv1_bias.detach().float().contiguous(),
+        w1=patch.reshape(9 * PATCH, c).to(dtype).contiguous(),
         w2=w2.to(dtype).contiguous(),
         b2=conv2_bias.detach().float().contiguous(),
     )
@@ -330,7 +293,7 @@ def _default_config(m: int, c: int, dtype: torch.dtype, device: torch.device) ->
         block_m = max(16, min(2048, next_power_of_2(m)))
         return ConvFrontConfig(block_m, block_n, max(16, min(64, next_power_of_2(c))), 4, 1)
     if dtype == torch.float32:
-        return ConvFrontConfig(64, min(block_n, 128), 32, 4, 2)
+        return CONFIGS_FP32[0]
     n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if cdiv(m, 128) >= n_sm:
         return ConvFrontConfig(128, block_n, 32, 8, 3)
@@ -375,27 +338,26 @@ def conv_subsampling(
     c = w.channels
     t2, f2 = output_size(t), output_size(f)
     y = out_or_empty(out, (b, t2, f2 * c), w.dtype, x.device)
-    tensors = [x, w.w1, w.b1, w.w2, w.b2] + [v for v in (mean, istd) if v is not None]
+    tensors = [x, w.w1, w.w2, w.b2] + [v for v in (mean, istd) if v is not None]
     check_launch(_conv_front_kernel, *tensors)
     m = b * t2 * f2
     if m == 0:
         return y
     cfg = config or _default_config(m, c, w.dtype, x.device)
-    half = cfg.half_conv1 and w.dtype == torch.float16
     # UPCAST: float32 operands with IEEE products (float32 weights: no TF32; bfloat16 under
-    # TRITON_INTERPRET, whose bf16 dot is wrong -- bf16 products are exact in float32).
+    # TRITON_INTERPRET, whose bf16 dot is wrong and whose casts to bf16 truncate: there the
+    # patch and conv1 values stay float32, only the weights and the output are bf16).
     upcast = w.dtype == torch.float32 or (interpreting() and w.dtype == torch.bfloat16)
     cmvn = mean is not None
-    mean_t = mean.float().contiguous() if cmvn else w.b1
-    istd_t = istd.float().contiguous() if cmvn else w.b1
+    mean_t = mean.float().contiguous() if cmvn else w.b2
+    istd_t = istd.float().contiguous() if cmvn else w.b2
     grid = (cdiv(m, cfg.block_m), cdiv(c, cfg.block_n))
     _conv_front_kernel[grid](
-        x, mean_t, istd_t, w.w1, w.b1, w.w2, w.b2, y,
+        x, mean_t, istd_t, w.w1, w.w2, w.b2, y,
         m, t2 * f2, f2, c,
-        x.stride(0), x.stride(1), x.stride(2), w.w2.stride(0), c,
-        HAS_CMVN=cmvn, HALF_CONV1=half, UPCAST=upcast,
-        INPUT_PRECISION="ieee" if upcast else "tf32",
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        x.stride(0), x.stride(1), x.stride(2), w.w1.stride(0), w.w2.stride(0), c,
+        HAS_CMVN=cmvn, UPCAST=upcast, INPUT_PRECISION="ieee" if upcast else "tf32",
+        PATCH=PATCH, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

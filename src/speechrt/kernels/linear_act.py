@@ -13,6 +13,7 @@ reference (``act(F.linear(x, W, b))``) that tests and benchmarks import.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -62,18 +63,19 @@ class LinearConfig:
 # Candidates for float16/bfloat16 on an H200 (bench/conv_front_micro.py sweeps them at the
 # Conformer FFN shape (rows, 256) x (2048, 256)).
 CONFIGS: tuple[LinearConfig, ...] = (
+    LinearConfig(128, 128, 64, 8, 8, 3),
     LinearConfig(128, 256, 64, 8, 8, 3),
     LinearConfig(128, 128, 64, 8, 4, 4),
-    LinearConfig(128, 128, 64, 8, 8, 3),
     LinearConfig(128, 256, 32, 8, 8, 4),
     LinearConfig(64, 256, 64, 8, 4, 4),
     LinearConfig(256, 128, 64, 8, 8, 3),
     LinearConfig(128, 64, 64, 8, 4, 4),
     LinearConfig(64, 128, 64, 8, 4, 4),
 )
+# Float32 (IEEE dots on CUDA cores): small tiles (64 x 128 with 4 warps spills registers).
 CONFIGS_FP32: tuple[LinearConfig, ...] = (
-    LinearConfig(64, 128, 32, 8, 4, 2),
     LinearConfig(64, 64, 32, 8, 4, 2),
+    LinearConfig(64, 128, 32, 8, 8, 2),
 )
 
 
@@ -141,16 +143,26 @@ def _linear_act_kernel(
     tl.store(y, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _default_config(m: int, n: int, k: int, dtype: torch.dtype) -> LinearConfig:
-    """Tiles by problem size (the float16/bfloat16 choice measured on an H200 should replace
-    this guess: see bench/conv_front_micro.py)."""
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _default_config(
+    m: int, n: int, k: int, dtype: torch.dtype, device: torch.device
+) -> LinearConfig:
+    """Tiles by problem size: 128 x 128 when that fills the SMs, else 64-row tiles (a guess
+    until bench/conv_front_micro.py has measured the configs on an H200)."""
     if interpreting():  # few, large programs: the interpreter's cost is per program and op
         bm = max(16, min(256, next_power_of_2(m)))
         bn = max(16, min(256, next_power_of_2(n)))
         return LinearConfig(bm, bn, max(16, min(128, next_power_of_2(k))), 8, 4, 1)
     if dtype == torch.float32:
         return CONFIGS_FP32[0]
-    return CONFIGS[0] if m >= 4096 else LinearConfig(64, 128, 64, 8, 4, 4)
+    n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if cdiv(m, 128) * cdiv(n, 128) >= n_sm:
+        return CONFIGS[0]
+    return LinearConfig(64, 128, 64, 8, 4, 4)
 
 
 def linear_act(
@@ -193,7 +205,7 @@ def linear_act(
         return y
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    cfg = config or _default_config(m, n, k, x.dtype)
+    cfg = config or _default_config(m, n, k, x.dtype, x.device)
     # UPCAST: float32 operands with IEEE products (float32 inputs: no TF32; bfloat16 under
     # TRITON_INTERPRET, whose bf16 dot is wrong -- bf16 products are exact in float32).
     upcast = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)

@@ -27,6 +27,7 @@ baseline graph ms / this graph ms (baseline: ``cudnn_cl``, ``linear+silu``). ``m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import functools
@@ -34,7 +35,7 @@ import math
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -107,7 +108,8 @@ def _cudnn_front(convs, mean, istd, dtype, channels_last: bool) -> Callable[[tor
 
     def run(x: torch.Tensor) -> torch.Tensor:
         h = ((x - mean) * istd).to(dtype).unsqueeze(1)  # (B, 1, T, F)
-        with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=True):
+        tf32 = dtype != torch.float32  # as the encoder runs it
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=tf32):
             for m in mods:
                 h = torch.relu_(m(h))
         b, c, t, f = h.shape
@@ -163,15 +165,15 @@ def ffn_rows(b: int, t: int, dtype: torch.dtype) -> list[dict[str, object]]:
     return rows
 
 
-class _no_tf32:
-    """Context manager: float32 matmuls without TF32 (for the float32 references)."""
-
-    def __enter__(self) -> None:
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc: object) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """Float32 matmuls without TF32 inside (for the float32 references)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _speedups(rows: list[dict[str, object]]) -> None:

@@ -77,6 +77,18 @@ def test_buckets_and_padding():
     assert torch.equal(pf[:3, :100], feats) and pf[:, 100:].abs().sum() == 0
 
 
+def _check_gates(a, al, b, dtype):
+    """a0 (max |b - a|) and r0 (median relative error) over valid frames, against the gates."""
+    diffs, rels = [], []
+    for i, n in enumerate(al.tolist()):
+        diff = (b[i, :n] - a[i, :n]).abs()
+        diffs.append(float(diff.max()))
+        rels.append((diff / a[i, :n].abs().clamp_min(1e-6)).flatten())
+    a0_max, r0_max = (3.5e-2, 2e-3) if dtype == "fp16" else (0.1, 1e-2)
+    assert max(diffs) < a0_max
+    assert float(torch.cat(rels).median()) < r0_max
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("name", FIXTURES)
@@ -91,14 +103,7 @@ def test_half_precision_gates_and_graphs(shared, name, dtype):
     a, al = ref.encode(feats, lens)
     for _ in range(2):  # capture, then replay
         b, _ = fast.encode(feats, lens)
-    diffs, rels = [], []
-    for i, n in enumerate(al.tolist()):
-        diff = (b[i, :n] - a[i, :n]).abs()
-        diffs.append(float(diff.max()))
-        rels.append((diff / a[i, :n].abs().clamp_min(1e-6)).flatten())
-    a0_max, r0_max = (3.5e-2, 2e-3) if dtype == "fp16" else (0.1, 1e-2)
-    assert max(diffs) < a0_max
-    assert float(torch.cat(rels).median()) < r0_max
+    _check_gates(a, al, b, dtype)
     assert fast.engine._enc_graphs.stats.replays >= 1
 
 
@@ -121,3 +126,38 @@ def test_graph_keys_are_bucketed(shared):
     assert len(keys["enc"]) == len(keys["ctc"]) == len(keys["resc"]) == 1
     (resc,) = keys["resc"]
     assert resc[1] in eng.buckets.batch_sizes and resc[4] % 16 == 0
+
+
+@pytest.mark.parametrize("triton_front, triton_ffn", [(True, False), (False, True)])
+def test_kernel_switches_equal_torch(shared, triton_front, triton_ffn):
+    """The encoder with its conv subsampling front on the Triton kernel (CMVN + both convs in
+    one launch) or on cuDNN/ATen convs, and with the FFN activation fused into the first FFN
+    GEMM or not, against the torch modules."""
+    d, feats, lens = _load(shared, "conformer_ctc_aed")
+    ref = load_wenet(d, device=DEVICE, engine="torch")
+    fast = load_wenet(d, device=DEVICE, engine="fused", cuda_graphs=False)
+    enc = fast.engine.encoder
+    assert enc.triton_front == (DEVICE == "cuda")  # the defaults: on with CUDA + Triton
+    assert not enc.triton_ffn  # and off
+    enc.triton_front, enc.triton_ffn = triton_front, triton_ffn
+    a, al = ref.encode(feats, lens)
+    b, bl = fast.encode(feats, lens)
+    assert al.tolist() == bl.tolist()
+    for i, n in enumerate(al.tolist()):
+        torch.testing.assert_close(b[i, :n], a[i, :n], atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_triton_ffn_half_precision_graphs(shared, dtype):
+    """FFN activation fused into the first GEMM (and the Triton conv front, the CUDA default),
+    captured in a graph: same gates as test_half_precision_gates_and_graphs."""
+    d, feats, lens = _load(shared, "conformer_ctc_aed")
+    ref = load_wenet(d, device="cuda", engine="torch")
+    fast = load_wenet(d, device="cuda", dtype=dtype, engine="fused", cuda_graphs=True)
+    assert fast.engine.encoder.triton_front
+    fast.engine.encoder.triton_ffn = True
+    a, al = ref.encode(feats, lens)
+    for _ in range(2):  # capture, then replay
+        b, _ = fast.encode(feats, lens)
+    _check_gates(a, al, b, dtype)

@@ -26,9 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from speechrt.engine.precision import Precision
+from speechrt.kernels._utils import triton_importable
 from speechrt.kernels.attention import attention, rel_pos_attention
 from speechrt.kernels.conv_module import fold_batch_norm, glu_depthwise_conv
+from speechrt.kernels.conv_subsampling import (
+    ConvSubsamplingWeights,
+    conv_subsampling,
+    pack_conv_subsampling,
+)
 from speechrt.kernels.layer_norm import add_layer_norm, layer_norm
+from speechrt.kernels.linear_act import linear_act
 from speechrt.kernels.log_softmax import linear_log_softmax
 from speechrt.layers.positional import positions
 from speechrt.models.conformer.model import ConformerASR
@@ -75,10 +82,41 @@ def _norm(m: torch.nn.LayerNorm) -> _Norm:
     return _Norm(m.weight.detach().float(), m.bias.detach().float(), m.eps)
 
 
-class FusedEncoder:
-    """Fused-kernel encoder: ``forward(feats, lengths) -> (out (B, T', D) float32, lengths)``."""
+def _conv_front_kernel_fits(sub) -> bool:
+    """Whether :func:`conv_subsampling` computes this input layer: WeNet's Conv2dSubsampling4
+    (two biased, unpadded 3x3 stride-2 convs, one input channel)."""
+    convs = list(sub.convs)
+    if len(convs) != 2 or convs[0].in_channels != 1:
+        return False
+    shape = ((3, 3), (2, 2), (0, 0), (1, 1), 1)
+    return all(
+        (c.kernel_size, c.stride, c.padding, c.dilation, c.groups) == shape and c.bias is not None
+        for c in convs
+    )
 
-    def __init__(self, net: ConformerASR, precision: Precision, pad_mode: str = "zero"):
+
+class FusedEncoder:
+    """Fused-kernel encoder: ``forward(feats, lengths) -> (out (B, T', D) float32, lengths)``.
+
+    ``triton_front``: run a Conv2dSubsampling4 front (CMVN + both convs + ReLUs) as the single
+    Triton kernel :func:`~speechrt.kernels.conv_subsampling.conv_subsampling` instead of cuDNN
+    in channels-last. None (default) turns it on when the weights are on CUDA and Triton is
+    installed; the attribute of the same name can be flipped later (before graph capture) to
+    compare the two paths. The cuDNN path stays the fallback for other input layers.
+
+    ``triton_ffn``: run each FFN's first GEMM with its activation in the epilogue
+    (:func:`~speechrt.kernels.linear_act.linear_act`) instead of cuBLAS ``F.linear`` plus a
+    separate activation kernel. Off by default until H200 numbers favour it; also an attribute.
+    """
+
+    def __init__(
+        self,
+        net: ConformerASR,
+        precision: Precision,
+        pad_mode: str = "zero",
+        triton_front: bool | None = None,
+        triton_ffn: bool = False,
+    ):
         reason = supports_fused(net)
         if reason:
             raise ValueError(reason)
@@ -88,9 +126,12 @@ class FusedEncoder:
         self.residual_dtype = precision.residual
         self.pad_mode = pad_mode
         self.act = _ACT[self.cfg.activation_type]
+        self.act_name = "swish" if self.cfg.activation_type == "silu" else self.cfg.activation_type
+        self.triton_ffn = triton_ffn
         self.subsampling = enc.subsampling
         self.sub_dtype = self.dtype
         self._front = self._prepare_front(enc.subsampling) if enc.subsampling.convs else None
+        self._front_packed, self.triton_front = self._pack_front(enc.subsampling, triton_front)
         self.cmvn_mean = enc.cmvn_mean.float()
         self.cmvn_istd = enc.cmvn_istd.float()
         self.final_norm = _norm(enc.final_norm)
@@ -118,12 +159,31 @@ class FusedEncoder:
             "proj_b": (sub.proj.bias.detach() * scale).to(self.dtype),
         }
 
+    def _pack_front(self, sub, wanted: bool | None) -> tuple[ConvSubsamplingWeights | None, bool]:
+        """(packed conv weights for the Triton front or None if it cannot compute this input
+        layer, whether to use it). ``wanted`` None: on for a CUDA model with Triton installed."""
+        if not _conv_front_kernel_fits(sub):
+            if wanted:
+                raise ValueError(
+                    f"the Triton conv front computes conv2d (4x) subsampling, not {sub.kind}"
+                )
+            return None, False
+        if wanted is None:
+            wanted = sub.convs[0].weight.is_cuda and triton_importable()
+        c1, c2 = sub.convs
+        return pack_conv_subsampling(c1.weight, c1.bias, c2.weight, c2.bias, self.dtype), wanted
+
     def _embed(self, feats: torch.Tensor) -> torch.Tensor:
         """Raw fbank (B, T, F) -> sqrt(d) * subsampling(CMVN(feats)), (B, T', D) compute dtype."""
         fr = self._front
         if fr is None:
             x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.sub_dtype)
             return self.subsampling(x) * math.sqrt(self.d)
+        if self.triton_front:
+            if self._front_packed is None:
+                raise ValueError(f"the Triton conv front cannot compute {self.subsampling.kind}")
+            x = conv_subsampling(feats, self._front_packed, self.cmvn_mean, self.cmvn_istd)
+            return F.linear(x, fr["proj_w"], fr["proj_b"])  # x: (B, T', F2 * C), f * C + c
         x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.dtype).unsqueeze(1)  # (B,1,T,F)
         with torch.backends.cudnn.flags(
             enabled=True,
@@ -206,6 +266,9 @@ class FusedEncoder:
         return p
 
     def _ffn(self, y, w1, b1, w2):
+        """y (B, T, D) -> w2 act(w1 y + b1), (B, T, D) without w2's bias."""
+        if self.triton_ffn:
+            return F.linear(linear_act(y, w1, b1, self.act_name), w2)
         return F.linear(self.act(F.linear(y, w1, b1)), w2)
 
     def _block(self, x, y, blk, lengths, chunk, left, pe):
@@ -247,7 +310,7 @@ class FusedEncoder:
             lengths,
             causal=blk["causal"],
             norm=blk["conv_norm"],
-            activation=self.cfg.activation_type if self.cfg.activation_type != "silu" else "swish",
+            activation=self.act_name,
             pad_mode=self.pad_mode,
             cache=cache,
             **conv_kw,

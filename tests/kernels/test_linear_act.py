@@ -1,0 +1,112 @@
+"""linear_act (activation in the GEMM epilogue) against F.linear + activation.
+
+Odd sizes (rows, K and N not multiples of a tile), 3-D inputs, with and without bias, three
+activations (checked against their float64 formulas too), three dtypes, several tile configs.
+Half precision is held to twice PyTorch's own same-dtype error against the float32 reference
+(four times for bfloat16 under the interpreter, which truncates float32 -> bfloat16).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels._utils import interpreting
+from speechrt.kernels.linear_act import (
+    CONFIGS,
+    LinearConfig,
+    linear_act,
+    linear_act_ref,
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACT64 = {
+    "swish": lambda h: h * torch.sigmoid(h),
+    "relu": torch.relu,
+    "gelu": lambda h: 0.5 * h * (1 + torch.erf(h / 2**0.5)),
+}
+# (shape of x, N)
+SHAPES = [((1, 16), 16), ((37, 40), 72), ((2, 17, 48), 200), ((130, 64), 33)]
+
+
+def _inputs(shape, n, device, dtype=torch.float32, bias=True):
+    k = shape[-1]
+    x = torch.randn(*shape, device=device)
+    w = torch.randn(n, k, device=device) / k**0.5
+    b = torch.randn(n, device=device) if bias else None
+    return x.to(dtype), w.to(dtype), (b.to(dtype) if bias else None)
+
+
+def _check(y, x, w, b, act, dtype, check_output, max_err) -> None:
+    gold = linear_act_ref(x, w, b, act, upcast=True)
+    torch_y = linear_act_ref(x, w, b, act)
+    assert y.dtype == dtype and y.shape == gold.shape
+    if dtype == torch.bfloat16 and interpreting():
+        err, torch_err = max_err(y, gold), max_err(torch_y, gold)
+        assert err <= 4 * torch_err + 1e-4, f"kernel error {err:.3g}, torch bf16 {torch_err:.3g}"
+    else:
+        check_output(y, gold, torch_y, dtype, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["swish", "relu", "gelu"])
+@pytest.mark.parametrize("shape, n", SHAPES)
+def test_matches_linear_then_activation(shape, n, act, dtype, device, check_output, max_err):
+    x, w, b = _inputs(shape, n, device, dtype)
+    _check(linear_act(x, w, b, act), x, w, b, act, dtype, check_output, max_err)
+
+
+@pytest.mark.parametrize("act", ["swish", "relu", "gelu"])
+def test_float64_formulas(act, device):
+    """The epilogue's activation against its float64 definition (independent of F.silu/gelu)."""
+    x, w, b = _inputs((29, 24), 40, device)
+    gold = ACT64[act](x.double() @ w.double().T + b.double())
+    torch.testing.assert_close(linear_act(x, w, b, act).double(), gold, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config", [LinearConfig(16, 16, 16, 2, 4, 1), LinearConfig(32, 64, 16, 1, 4, 1)], ids=str
+)
+def test_explicit_configs_no_bias_and_out(config, device):
+    """Several row groups and column tiles (grouped order), ragged edges, no bias, out=."""
+    x, w, _ = _inputs((70, 40), 50, device, bias=False)
+    out = torch.full((70, 50), float("nan"), device=device)
+    y = linear_act(x, w, None, "identity", out=out, config=config)
+    assert y.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(y, x @ w.T, atol=2e-5, rtol=1e-5)
+
+
+def test_strided_rows(device):
+    base, w, b = _inputs((9, 2, 32), 24, device)
+    x = base[:, 1]  # (9, 32), row stride 64
+    torch.testing.assert_close(linear_act(x, w, b), linear_act_ref(x, w, b), atol=2e-5, rtol=1e-5)
+
+
+def test_rejects_bad_inputs(device):
+    x, w, b = _inputs((4, 8), 6, device)
+    with pytest.raises(UnsupportedOptionError, match="tanh"):
+        linear_act(x, w, b, "tanh")
+    with pytest.raises(ValueError, match="weight"):
+        linear_act(x, w[:, :7], b)
+    with pytest.raises(ValueError, match="bias"):
+        linear_act(x, w, b[:5])
+    with pytest.raises(ValueError, match="float16"):
+        linear_act(x, w.half(), b)
+
+
+def test_imports_without_triton(import_without_triton):
+    module = import_without_triton("speechrt.kernels.linear_act")
+    x, w, b = _inputs((4, 8), 6, "cpu")
+    with pytest.raises(UnsupportedOptionError, match="triton"):
+        module.linear_act(x, w, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ffn_shape_every_config(config, dtype, device, check_output, max_err):
+    """Every benchmarked config at a Conformer FFN shape (rows not a tile multiple)."""
+    x, w, b = _inputs((1000, 256), 2048, device, dtype)
+    y = linear_act(x, w, b, "swish", config=config)
+    _check(y, x, w, b, "swish", dtype, check_output, max_err)

@@ -57,6 +57,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 __all__ = [
     "ACTIVATIONS",
+    "GemmConfig",
     "RouteResult",
     "moe_experts",
     "moe_experts_ref",

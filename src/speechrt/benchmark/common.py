@@ -48,6 +48,19 @@ def cuda_time_ms(
     return times[len(times) // 2]
 
 
+def sync_cuda() -> None:
+    """Wait for the GPU, a no-op without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def strict_fp32():
+    """Context: cuDNN convolutions without TF32 (they default to TF32), for FP32 references."""
+    return torch.backends.cudnn.flags(
+        enabled=True, benchmark=False, deterministic=False, allow_tf32=False
+    )
+
+
 def error_stats(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(a0, r0): max absolute error and median relative error (|d| / max(|ref|, 1e-6))."""
     out, ref = out.double().flatten(), ref.double().flatten()
@@ -84,6 +97,68 @@ def environment() -> dict:
         "commit": os.environ.get("SPEECHRT_COMMIT", commit),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+class PeakMemory:
+    """Peak CUDA memory of a measurement above a baseline taken at construction (before the
+    model was built): ``reset()`` before the measurement, ``peak_mib()`` after. None on CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.base = torch.cuda.memory_allocated() if self.cuda else 0
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_mib(self) -> float | None:
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+
+
+def free_cuda_cache(device: str) -> None:
+    """Return cached CUDA blocks to the driver (between models), a no-op on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def graph_pool_bytes() -> int:
+    """Bytes the caching allocator holds in CUDA-graph private pools (segments outside the
+    default pool), 0 without CUDA."""
+    if not torch.cuda.is_available():
+        return 0
+    return sum(
+        s["total_size"]
+        for s in torch.cuda.memory_snapshot()
+        if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0)
+    )
+
+
+def kernel_profile(fn: Callable[[], object], warmup: int = 3) -> tuple[list[dict], float]:
+    """Per-kernel CUDA time of one call of ``fn`` (after ``warmup`` calls): rows of kernel,
+    calls, total_us, share_% (largest first) and the total milliseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if us > 0 and not ev.key.startswith("ProfilerStep"):
+            rows.append({"kernel": ev.key[:80], "calls": ev.count, "total_us": us})
+    total = sum(r["total_us"] for r in rows)
+    rows.sort(key=lambda r: -r["total_us"])
+    for r in rows:
+        r["share_%"] = 100.0 * r["total_us"] / total if total else 0.0
+    return rows, total / 1000.0
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

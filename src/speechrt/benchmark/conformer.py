@@ -24,26 +24,15 @@ from speechrt.benchmark.common import (  # noqa: I001
     cuda_time_ms,
     environment,
     error_stats,
+    kernel_profile,
     markdown_table,
+    strict_fp32,
+    sync_cuda,
     valid_rows,
     write_csv,
 )
 
 ENC_GATE = (3.5e-2, 2e-3)
-
-
-def _strict_fp32():
-    """The FP32 reference without TF32 (cuDNN convolutions default to TF32)."""
-    return torch.backends.cudnn.flags(
-        enabled=True, benchmark=False, deterministic=False, allow_tf32=False
-    )
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 DEC_GATE = (0.4, 2e-4)
 
 
@@ -81,22 +70,29 @@ def aishell_config(num_blocks: int = 12, decoder_blocks: int = 6):
 
 
 def trained_like_(net: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Randomise weights at trained-like scale: unit-ish activations, non-trivial norms."""
-    g = torch.Generator().manual_seed(seed)
+    """Randomise weights at trained-like scale: unit-ish activations, non-trivial norms.
+
+    Drawn on the parameters' device (a CPU module gets the same numbers as ever)."""
+    dev = next(net.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g, device=dev)
+
     with torch.no_grad():
         for name, p in net.named_parameters():
             if p.dim() >= 2:
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+                p.copy_(randn(p.shape) / fan_in**0.5)
             elif name.endswith("norm.weight") or ".norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(1.0 + 0.1 * randn(p.shape))
             else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+                p.copy_(0.05 * randn(p.shape))
         for name, b in net.named_buffers():
             if name.endswith("running_mean"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+                b.copy_(0.1 * randn(b.shape))
             elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+                b.copy_(0.5 + torch.rand(b.shape, generator=g, device=dev))
     return net
 
 
@@ -140,7 +136,7 @@ class ConformerBench:
         lens = torch.full((b,), t, dtype=torch.long, device=self.dev)
         rows = []
         with torch.inference_mode():
-            with _strict_fp32():
+            with strict_fp32():
                 ref, ref_lens = self.net.encoder(feats, lens)
             ref_v = valid_rows(ref, ref_lens)
             providers = {
@@ -150,7 +146,7 @@ class ConformerBench:
             for dt, eng in self.engines.items():
                 t0 = time.perf_counter()
                 eng.encode(feats, lens)  # capture this bucket
-                _sync()
+                sync_cuda()
                 self.warmup_s[f"{dt}_bucket_{b}x{t}"] = time.perf_counter() - t0
                 providers[f"speechrt_{dt}"] = lambda e=eng: e.encode(feats, lens)
             for name, fn in providers.items():
@@ -164,7 +160,7 @@ class ConformerBench:
         feats = torch.randn(b, t, 80, device=self.dev).half()
         lens = torch.full((b,), t, dtype=torch.long, device=self.dev)
         with torch.inference_mode():
-            with _strict_fp32():
+            with strict_fp32():
                 ref, ref_lens = self.net.encoder(feats.float(), lens)
             enc = torch.compile(self.net16.encoder, mode="max-autotune", dynamic=False)
             t0 = time.perf_counter()
@@ -189,7 +185,7 @@ class ConformerBench:
             mem, mem_lens = self.net.encoder(feats, lens)
             hyps, hyp_lens = _hyps(b, self.cfg.hyps, mem.shape[1], 4233, gen, self.dev)
             l2r_in, r2l_in, in_lens = decoder_inputs(hyps, hyp_lens, 4232, 4232)
-            with _strict_fp32():
+            with strict_fp32():
                 ref, _ = self.net.rescoring_log_probs(mem, mem_lens, hyps, hyp_lens, False)
             valid = torch.arange(ref.shape[2], device=self.dev) < in_lens.unsqueeze(-1)
             ref_v = ref[valid]
@@ -230,8 +226,6 @@ class ConformerBench:
     # ------------------------------------------------------------------ profile
     def profile(self) -> str:
         """Per-kernel CUDA time of one eager fused encoder forward (FP16) at the profile shape."""
-        from torch.profiler import ProfilerActivity, profile
-
         if self.dev != "cuda":
             return "(no profile: not on CUDA)"
 
@@ -240,27 +234,11 @@ class ConformerBench:
         feats = torch.randn(b, t, 80, device=self.dev)
         lens = torch.full((b,), t, dtype=torch.long, device=self.dev)
         with torch.inference_mode():
-            for _ in range(3):
-                eng.encoder.forward(feats, lens)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                eng.encoder.forward(feats, lens)
-                torch.cuda.synchronize()
-        rows = []
-        total = 0.0
-        for ev in prof.key_averages():
-            us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
-            if us <= 0 or ev.key.startswith("ProfilerStep"):
-                continue
-            rows.append({"kernel": ev.key[:80], "calls": ev.count, "total_us": us})
-            total += us
-        rows.sort(key=lambda r: -r["total_us"])
-        for r in rows:
-            r["share_%"] = 100.0 * r["total_us"] / total if total else 0.0
+            rows, total_ms = kernel_profile(lambda: eng.encoder.forward(feats, lens))
         head = (
             f"One fused encoder forward, {b}x{t} frames, {self.cfg.dtypes[0]}, eager (no graph): "
         )
-        head += f"{total / 1000:.3f} ms of GPU time in {sum(r['calls'] for r in rows)} kernels.\n\n"
+        head += f"{total_ms:.3f} ms of GPU time in {sum(r['calls'] for r in rows)} kernels.\n\n"
         return head + markdown_table(rows[:25], ["kernel", "calls", "total_us", "share_%"])
 
     # ------------------------------------------------------------------ end to end
@@ -295,10 +273,10 @@ class ConformerBench:
                     )
 
             run_all()  # warm-up: captures the buckets
-            _sync()
+            sync_cuda()
             t0 = time.perf_counter()
             run_all()
-            _sync()
+            sync_cuda()
             sec = time.perf_counter() - t0
             rows.append(
                 {

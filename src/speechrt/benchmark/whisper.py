@@ -33,7 +33,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from speechrt.benchmark.common import cuda_time_ms, environment, markdown_table, write_csv
+from speechrt.benchmark.common import (
+    PeakMemory,
+    cuda_time_ms,
+    environment,
+    free_cuda_cache,
+    markdown_table,
+    write_csv,
+)
 from speechrt.models.whisper.config import WhisperDims, preset
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -237,31 +244,6 @@ def hf_decode(model, feats: Tensor, tokens: Tensor, prefix: int) -> Callable[[],
 
 
 # ---------------------------------------------------------------------------------- memory
-class _Memory:
-    """Peak CUDA memory of a measurement above a baseline taken before the model was built."""
-
-    def __init__(self, device: str) -> None:
-        self.cuda = torch.device(device).type == "cuda"
-        self.base = torch.cuda.memory_allocated() if self.cuda else 0
-
-    def reset(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak_mib(self) -> float | None:
-        if not self.cuda:
-            return None
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - self.base) / 2**20
-
-
-def _free(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------------- bench
 class WhisperBench:
     def __init__(self, cfg: WhisperBenchConfig) -> None:
@@ -346,7 +328,7 @@ class WhisperBench:
 
     # -------------------------------------------------------------- providers
     def _run_provider(self, provider, name, dims, dt, net, ref) -> list[dict]:
-        mem = self._speechrt_mem if provider == "speechrt" else _Memory(self.dev)
+        mem = self._speechrt_mem if provider == "speechrt" else PeakMemory(self.dev)
         encode, makers = self._setup(provider, net, DTYPES[dt])
         rows = self._encoder_rows(name, dims, dt, provider, encode, mem)
         if self.cfg.compile:
@@ -402,7 +384,7 @@ class WhisperBench:
         """Every dtype x provider of one model; appends rows."""
         for dt in self.cfg.dtypes:
             ref: dict = {}
-            self._speechrt_mem = _Memory(self.dev)
+            self._speechrt_mem = PeakMemory(self.dev)
             net = build_speechrt(dims, DTYPES[dt], self.dev, self.cfg.seed)
             for provider in self.cfg.providers:
                 if not self._available(provider):
@@ -411,10 +393,10 @@ class WhisperBench:
                     self.rows += self._run_provider(provider, name, dims, dt, net, ref)
                 except Exception as e:  # noqa: BLE001 - one provider failing must not stop all
                     self.notes.append(f"{name} {dt} {provider}: {type(e).__name__}: {e}")
-                _free(self.dev)
+                free_cuda_cache(self.dev)
                 print(f"done {name} {dt} {provider}", flush=True)
             del net
-            _free(self.dev)
+            free_cuda_cache(self.dev)
 
     def e2e_rows(self) -> list[dict]:
         """RTFx of speechrt's ``transcribe`` (greedy, temperature 0) over a folder of audio."""

@@ -19,14 +19,17 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _shapes(text: str) -> tuple[tuple[int, int], ...]:
     try:
-        return tuple(tuple(int(v) for v in s.split("x")) for s in text.split(",") if s)  # type: ignore
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in text.split(",") if s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BxT[,BxT...], got {text!r}") from None
+        shapes = ((),)
+    if not shapes or any(len(s) != 2 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected BxT[,BxT...], got {text!r}")
+    return shapes  # type: ignore[return-value]
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="GPU benchmark tables (needs CUDA)")
-    p.add_argument("family", choices=("conformer", "whisper"))
+    p.add_argument("family", choices=("conformer", "whisper", "moe"))
     p.add_argument("--out", default="bench_out", help="folder for the .md, .csv and .png")
     p.add_argument(
         "--batches",
@@ -40,10 +43,14 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--compile",
         type=_shapes,
-        default=(),
-        help="shapes BxT to time torch.compile max-autotune at (slow: minutes each)",
+        nargs="?",
+        const=True,
+        default=None,
+        help="shapes BxT to time torch.compile at (slow: minutes each); moe: on by default, "
+        "at every --shapes shape unless shapes are given here",
     )
-    p.add_argument("--dtypes", default="fp16,bf16")
+    p.add_argument("--no-compile", action="store_true", help="moe: skip torch.compile")
+    p.add_argument("--dtypes", default=None, help="default fp16,bf16 (moe: fp32,fp16,bf16)")
     p.add_argument("--e2e-dir", default=None, help="folder of .flac files for the end-to-end RTF")
     p.add_argument(
         "--profile",
@@ -51,6 +58,16 @@ def add_parser(sub) -> None:
         default=((16, 256),),
         help="BxT of the per-kernel profile of one encoder forward",
     )
+    m = p.add_argument_group("moe")
+    m.add_argument(
+        "--shapes",
+        type=_shapes,
+        default=None,
+        help="encoder frames BxT' (default 1x206,1x1024,1x2048,16x1024)",
+    )
+    m.add_argument("--compile-dtypes", default="fp16", help="dtypes torch.compile runs in")
+    m.add_argument("--compile-mode", default="default", help="torch.compile mode")
+    m.add_argument("--no-gemm", action="store_true", help="skip the grouped GEMM table")
     w = p.add_argument_group("whisper")
     w.add_argument(
         "--presets",
@@ -81,10 +98,18 @@ def _dtypes(text: str) -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    dtypes = _dtypes(args.dtypes)
+    default = "fp32,fp16,bf16" if args.family == "moe" else "fp16,bf16"
+    dtypes = _dtypes(args.dtypes or default)
     wcfg = whisper_config(args, dtypes) if args.family == "whisper" else None
+    mcfg = moe_config(args, dtypes) if args.family == "moe" else None
     if not torch.cuda.is_available():
         raise SpeechrtError("speechrt bench needs a CUDA GPU; none is visible")
+    if mcfg is not None:
+        from speechrt.benchmark.moe import MoEBench
+
+        MoEBench(mcfg).run()
+        print((mcfg.out / "moe.md").read_text())
+        return 0
     if wcfg is not None:
         from speechrt.benchmark.whisper import WhisperBench
 
@@ -96,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         batches=args.batches or (1, 4, 16, 64),
         lengths=args.lengths,
-        compile_shapes=args.compile,
+        compile_shapes=args.compile if isinstance(args.compile, tuple) else (),
         dtypes=dtypes,
         e2e_dir=args.e2e_dir,
         out=Path(args.out),
@@ -134,5 +159,25 @@ def whisper_config(args: argparse.Namespace, dtypes: tuple[str, ...]):
         compile=args.torch_compile,
         e2e_dir=args.e2e_dir,
         e2e_model=args.e2e_model,
+        out=Path(args.out),
+    )
+
+
+def moe_config(args: argparse.Namespace, dtypes: tuple[str, ...]):
+    """The :class:`MoEBenchConfig` of the command line (errors before any work)."""
+    from speechrt.benchmark.moe import SHAPES, MoEBenchConfig
+
+    shapes = args.shapes or SHAPES
+    for b, t in shapes:
+        if b < 1 or t < 1:
+            raise UnsupportedOptionError(f"--shapes needs positive BxT', got {b}x{t}")
+    compile_dtypes = () if args.no_compile else _dtypes(args.compile_dtypes)
+    return MoEBenchConfig(
+        shapes=shapes,
+        dtypes=dtypes,
+        compile_dtypes=compile_dtypes,
+        compile_shapes=args.compile if isinstance(args.compile, tuple) else None,
+        compile_mode=args.compile_mode,
+        gemm=not args.no_gemm,
         out=Path(args.out),
     )

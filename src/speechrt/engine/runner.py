@@ -6,19 +6,20 @@ CPU device runs the same step functions eagerly (on CPU only under ``TRITON_INTE
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from speechrt.decoding.ctc import ctc_prefix_beam_search
 from speechrt.engine.batching import Buckets, pad_to
 from speechrt.engine.graphs import GraphRunner
+from speechrt.engine.memory import WeightReport, weight_report
 from speechrt.engine.precision import Precision
 from speechrt.models.conformer.fused import FusedDecoder, FusedEncoder
 
 
 class ConformerEngine:
-    """Fast path of a :class:`~speechrt.models.conformer.model.ConformerASR`."""
+    """Fast path of a :class:`~speechrt.models.conformer.model.ConformerASR` (or of a model with
+    the same interface, e.g. the Conformer-MoE, whose fused ``encoder`` is passed in: an object
+    with ``forward(feats, lengths, chunk_size, num_left_chunks) -> (out, lengths)``)."""
 
     def __init__(
         self,
@@ -27,13 +28,14 @@ class ConformerEngine:
         cuda_graphs: bool = True,
         buckets: Buckets | None = None,
         pad_mode: str = "zero",
+        encoder=None,
     ):
         self.net = net
         self.precision = precision
         self.buckets = buckets or Buckets()
-        self.encoder = FusedEncoder(net, precision, pad_mode)
-        # A linear input layer runs as torch modules in the compute dtype, on a private copy.
-        self.encoder.subsampling = copy.deepcopy(net.encoder.subsampling).to(precision.compute)
+        if encoder is None:
+            encoder = FusedEncoder(net.encoder, precision, pad_mode)
+        self.encoder = encoder
         self.l2r = self.r2l = None
         if net.decoder is not None:
             self.l2r = FusedDecoder(net.decoder.l2r, precision)
@@ -44,6 +46,13 @@ class ConformerEngine:
         self._beam = (10, 0)
         self._dec_graphs = GraphRunner(self._rescore_step, enabled=cuda_graphs)
         self._chunk = (0, -1)
+
+    def weight_report(self) -> WeightReport:
+        """Bytes of weights the fused encoder/decoders hold, split into tensors shared with the
+        torch modules' parameters and buffers (no extra memory) and private ones (casts, fused
+        concatenations, reordered copies). See :func:`speechrt.engine.memory.weight_report`."""
+        parts = {"encoder": self.encoder, "l2r": self.l2r, "r2l": self.r2l}
+        return weight_report(self.net, {k: v for k, v in parts.items() if v is not None})
 
     # ------------------------------------------------------------------ encoder
     def _encode_step(self, feats: torch.Tensor, lengths: torch.Tensor):

@@ -57,6 +57,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 __all__ = [
     "ACTIVATIONS",
+    "GemmConfig",
     "RouteResult",
     "moe_experts",
     "moe_experts_ref",
@@ -447,26 +448,34 @@ def moe_sort_ref(gate_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
 
 
 @dataclass(frozen=True)
-class _GemmConfig:
+class GemmConfig:
+    """Tile configuration of the grouped expert GEMMs (one program per BLOCK_M x BLOCK_N tile)."""
+
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
 
+    def __str__(self) -> str:
+        return (
+            f"m{self.block_m}n{self.block_n}k{self.block_k}"
+            f"w{self.num_warps}s{self.num_stages}"
+        )
 
-def _gemm_config(n_assign: int, num_experts: int, dtype: torch.dtype) -> _GemmConfig:
+
+def _gemm_config(n_assign: int, num_experts: int, dtype: torch.dtype) -> GemmConfig:
     """Tile sizes: row tiles sized to the mean rows per expert (small batches waste less)."""
     mean = n_assign / max(num_experts, 1)
     block_m = 16 if mean <= 16 else (32 if mean <= 48 else 64)
     if interpreting():  # few, large programs: the interpreter's cost is per program and op
-        return _GemmConfig(32, 64, 64, 4, 1)
-    # Measured on an H200 (bench/moe_micro.py; D=512, H=1024, E=32).
+        return GemmConfig(32, 64, 64, 4, 1)
+    # First choices; `speechrt bench moe` sweeps tile configs on the GPU to revise them.
     if dtype == torch.float32:
-        return _GemmConfig(128, 128, 32, 8, 2) if mean > 256 else _GemmConfig(block_m, 64, 32, 4, 2)
+        return GemmConfig(128, 128, 32, 8, 2) if mean > 256 else GemmConfig(block_m, 64, 32, 4, 2)
     if mean > 256:
-        return _GemmConfig(128, 256, 64, 8, 3)
-    return _GemmConfig(block_m, 128, 64, 4, 3)
+        return GemmConfig(128, 256, 64, 8, 3)
+    return GemmConfig(block_m, 128, 64, 4, 3)
 
 
 def _check_experts(x2d, w1, b1, w2, b2) -> tuple[int, int, int]:
@@ -493,6 +502,7 @@ def moe_experts(
     w2: torch.Tensor,
     b2: torch.Tensor | None,
     activation: str = "swish",
+    _config: GemmConfig | tuple[GemmConfig, GemmConfig] | None = None,
 ) -> torch.Tensor:
     """Every row through its chosen experts: ``sum_k gate[k] * W2_e act(W1_e x + b1_e) + b2_e``.
 
@@ -502,6 +512,7 @@ def moe_experts(
         gate_val: (N, K) weights per (row, slot), or None for weight 1.
         w1: (E, H, D), b1: (E, H) or None, w2: (E, D, H), b2: (E, D) or None, x's dtype.
         activation: one of :data:`ACTIVATIONS`.
+        _config: tile config override (both GEMMs, or (up, down)) for tuning sweeps.
     Returns:
         (..., D) in x's dtype. The hidden activations are rounded to x's dtype between the two
         GEMMs (as a dense FFN in that dtype does); accumulation is float32.
@@ -527,46 +538,88 @@ def moe_experts(
     # Every (row, slot) is written exactly once by the down kernel: no zero fill needed.
     y = torch.empty(n_assign, d, dtype=y_dtype, device=x.device)  # (N*K, D)
     if n_assign > 0:
-        _launch_experts(x2d, gate_idx, gate_val, w1, b1, w2, b2, activation, y)
+        order, offsets = moe_sort(gate_idx, e)
+        if _config is None:
+            _config = _gemm_config(n_assign, e, x2d.dtype)
+        up, down = _config if isinstance(_config, tuple) else (_config, _config)
+        h = _expert_up(x2d, order, offsets, w1, b1, activation, k, up)
+        gate = gate_val.reshape(-1).float().contiguous() if gate_val is not None else None
+        _expert_down(h, order, offsets, gate, w2, b2, y, down)
     if k > 1:
         y = y.view(n, k, d).sum(dim=1).to(x.dtype)  # (N, D)
     return y.view(*x.shape[:-1], d)
 
 
-def _launch_experts(x2d, gate_idx, gate_val, w1, b1, w2, b2, activation, y) -> None:
-    n, d = x2d.shape
-    e, hid, _ = w1.shape
-    k = gate_idx.shape[1]
-    n_assign = n * k
-    order, offsets = moe_sort(gate_idx, e)
-    cfg = _gemm_config(n_assign, e, x2d.dtype)
-    max_tiles = cdiv(n_assign, cfg.block_m) + e - 1
-    upcast = x2d.dtype == torch.float32 or (interpreting() and x2d.dtype == torch.bfloat16)
+def _tile_kwargs(cfg: GemmConfig, dtype: torch.dtype, num_experts: int) -> dict:
+    """Launch constants shared by both grouped GEMMs."""
+    upcast = dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
     # UPCAST: float32 operands with IEEE products (float32 inputs: no TF32; bfloat16 under
     # TRITON_INTERPRET, whose bf16 dot is wrong -- bf16 products are exact in float32).
-    common = dict(UPCAST=upcast, INPUT_PRECISION="ieee" if upcast else "tf32",
-                  BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_E=max(2, next_power_of_2(e)),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    w1, w2 = w1.contiguous(), w2.contiguous()
+    return dict(
+        UPCAST=upcast,
+        INPUT_PRECISION="ieee" if upcast else "tf32",
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        BLOCK_E=max(2, next_power_of_2(num_experts)),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def _expert_up(
+    x2d: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    activation: str,
+    top_k: int,
+    cfg: GemmConfig,
+) -> torch.Tensor:
+    """Grouped up-projection: x2d (N, D), order (N*K,), offsets (E+1,) from :func:`moe_sort`
+    -> h (N*K, H) in x's dtype, rows in sorted (expert) order, activation applied."""
+    e, hid, d = w1.shape
+    n_assign = order.numel()
+    w1 = w1.contiguous()
     b1 = b1.contiguous() if b1 is not None else None
-    b2 = b2.contiguous() if b2 is not None else None
     h = torch.empty(n_assign, hid, dtype=x2d.dtype, device=x2d.device)  # (N*K, H), sorted
+    max_tiles = cdiv(n_assign, cfg.block_m) + e - 1
     _expert_up_kernel[(max_tiles, cdiv(hid, cfg.block_n))](
         x2d, order, offsets, w1, b1 if b1 is not None else w1, h,
-        d, hid, e, k,
+        d, hid, e, top_k,
         x2d.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0,
         h.stride(0),
-        HAS_BIAS=b1 is not None, ACT=ACTIVATIONS[activation], **common,
-    )
-    gate = gate_val.reshape(-1).float().contiguous() if gate_val is not None else None
+        HAS_BIAS=b1 is not None, ACT=ACTIVATIONS[activation],
+        **_tile_kwargs(cfg, x2d.dtype, e),
+    )  # fmt: skip
+    return h
+
+
+def _expert_down(
+    h: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
+    gate: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    y: torch.Tensor,
+    cfg: GemmConfig,
+) -> None:
+    """Grouped down-projection of :func:`_expert_up`'s h (N*K, H) into y (N*K, D), each row
+    stored at its assignment's original position; gate (N*K,) float32 or None."""
+    e, d, hid = w2.shape
+    w2 = w2.contiguous()
+    b2 = b2.contiguous() if b2 is not None else None
+    max_tiles = cdiv(order.numel(), cfg.block_m) + e - 1
     _expert_down_kernel[(max_tiles, cdiv(d, cfg.block_n))](
         h, order, offsets, gate if gate is not None else h, w2, b2 if b2 is not None else w2, y,
         d, hid, e,
         h.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0,
         y.stride(0),
-        HAS_BIAS=b2 is not None, HAS_GATE=gate is not None, **common,
-    )
+        HAS_BIAS=b2 is not None, HAS_GATE=gate is not None,
+        **_tile_kwargs(cfg, h.dtype, e),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from speechrt.engine.precision import Precision
 from speechrt.kernels._utils import triton_importable
-from speechrt.kernels.attention import attention, rel_pos_attention
+from speechrt.kernels.attention import MAX_HEAD_DIM, attention, rel_pos_attention
 from speechrt.kernels.conv_module import fold_batch_norm, glu_depthwise_conv
 from speechrt.kernels.conv_subsampling import (
     ConvSubsamplingWeights,
@@ -38,14 +38,16 @@ from speechrt.kernels.layer_norm import add_layer_norm, layer_norm
 from speechrt.kernels.linear_act import linear_act
 from speechrt.kernels.log_softmax import linear_log_softmax
 from speechrt.layers.positional import positions
+from speechrt.models.conformer.config import EncoderConfig
+from speechrt.models.conformer.encoder import Encoder
 from speechrt.models.conformer.model import ConformerASR
 
 _ACT = {"swish": F.silu, "silu": F.silu, "relu": F.relu, "gelu": F.gelu}
+_DENSE = ("position_wise_feed_forward", True)
 
 
-def supports_fused(net: ConformerASR) -> str | None:
-    """None if the fused path can run this model, else the reason it cannot."""
-    enc = net.cfg.encoder
+def encoder_unsupported(enc: EncoderConfig) -> str | None:
+    """None if :class:`FusedEncoder` can run an encoder of this config, else the reason."""
     if enc.kind != "conformer" or not (enc.macaron and enc.conv):
         return "the fused encoder covers Conformer blocks with macaron FFN and conv module"
     if not enc.normalize_before:
@@ -54,20 +56,35 @@ def supports_fused(net: ConformerASR) -> str | None:
         return "the fused encoder needs rel_pos + rel_selfattn"
     if enc.activation_type not in _ACT:
         return f"activation {enc.activation_type} has no fused path"
-    dense = ("position_wise_feed_forward", True)
-    if (enc.mlp_type, enc.mlp_bias) != dense:
+    if (enc.mlp_type, enc.mlp_bias) != _DENSE:
         return (
             f"the fused encoder covers biased position-wise FFNs, not mlp_type "
             f"{enc.mlp_type} with mlp_bias {enc.mlp_bias}"
         )
+    head_dim = enc.output_size // enc.attention_heads
+    if head_dim > MAX_HEAD_DIM:
+        return f"the fused attention kernel takes head dims up to {MAX_HEAD_DIM}, not {head_dim}"
+    return None
+
+
+def supports_fused(net: ConformerASR) -> str | None:
+    """None if the fused path can run this model, else the reason it cannot.
+
+    Also takes a Conformer-MoE network: its encoder config describes the dense macaron FFN (the
+    second FFN is swapped in by the model, see :meth:`FusedEncoder._prepare_ff`)."""
+    reason = encoder_unsupported(net.cfg.encoder)
+    if reason:
+        return reason
     dec = net.cfg.decoder
-    if dec is not None and (dec.mlp_type, dec.mlp_bias) != dense:
+    if dec is not None and (dec.mlp_type, dec.mlp_bias) != _DENSE:
         return (
             f"the fused decoder covers biased position-wise FFNs, not mlp_type "
             f"{dec.mlp_type} with mlp_bias {dec.mlp_bias}"
         )
     if dec is not None and (not dec.normalize_before or dec.activation_type not in _ACT):
         return "the fused decoder needs pre-norm layers with relu/swish/gelu FFNs"
+    if dec is not None and net.cfg.encoder.output_size // dec.attention_heads > MAX_HEAD_DIM:
+        return f"the fused decoder's attention kernel takes head dims up to {MAX_HEAD_DIM}"
     return None
 
 
@@ -82,21 +99,13 @@ def _norm(m: torch.nn.LayerNorm) -> _Norm:
     return _Norm(m.weight.detach().float(), m.bias.detach().float(), m.eps)
 
 
-def _conv_front_kernel_fits(sub) -> bool:
-    """Whether :func:`conv_subsampling` computes this input layer: WeNet's Conv2dSubsampling4
-    (two biased, unpadded 3x3 stride-2 convs, one input channel)."""
-    convs = list(sub.convs)
-    if len(convs) != 2 or convs[0].in_channels != 1:
-        return False
-    shape = ((3, 3), (2, 2), (0, 0), (1, 1), 1)
-    return all(
-        (c.kernel_size, c.stride, c.padding, c.dilation, c.groups) == shape and c.bias is not None
-        for c in convs
-    )
-
-
 class FusedEncoder:
     """Fused-kernel encoder: ``forward(feats, lengths) -> (out (B, T', D) float32, lengths)``.
+
+    Built from an :class:`~speechrt.models.conformer.encoder.Encoder`. Weights already in the
+    compute dtype (and contiguous) are referenced, not copied; the rest is cast once here.
+    Subclasses swap the second feed-forward of every block by overriding :meth:`_prepare_ff`
+    and :meth:`_second_ffn` (the Conformer-MoE does).
 
     ``triton_front``: run a Conv2dSubsampling4 front (CMVN + both convs + ReLUs) as the single
     Triton kernel :func:`~speechrt.kernels.conv_subsampling.conv_subsampling` instead of cuDNN
@@ -111,27 +120,29 @@ class FusedEncoder:
 
     def __init__(
         self,
-        net: ConformerASR,
+        enc: Encoder,
         precision: Precision,
         pad_mode: str = "zero",
         triton_front: bool | None = None,
         triton_ffn: bool = False,
     ):
-        reason = supports_fused(net)
+        reason = encoder_unsupported(enc.cfg)
         if reason:
             raise ValueError(reason)
-        enc = net.encoder
-        self.cfg = net.cfg.encoder
+        self.cfg = enc.cfg
         self.dtype = precision.compute
         self.residual_dtype = precision.residual
         self.pad_mode = pad_mode
         self.act = _ACT[self.cfg.activation_type]
         self.act_name = "swish" if self.cfg.activation_type == "silu" else self.cfg.activation_type
         self.triton_ffn = triton_ffn
-        self.subsampling = enc.subsampling
         self.sub_dtype = self.dtype
         self._front = self._prepare_front(enc.subsampling) if enc.subsampling.convs else None
         self._front_packed, self.triton_front = self._pack_front(enc.subsampling, triton_front)
+        self.subsampling = enc.subsampling  # conv fronts: only its length arithmetic is used
+        if self._front is None and enc.subsampling.proj.weight.dtype != self.dtype:
+            # A linear input layer runs as torch modules in the compute dtype, on a private copy.
+            self.subsampling = copy.deepcopy(enc.subsampling).to(self.dtype)
         self.cmvn_mean = enc.cmvn_mean.float()
         self.cmvn_istd = enc.cmvn_istd.float()
         self.final_norm = _norm(enc.final_norm)
@@ -200,6 +211,22 @@ class FusedEncoder:
     def _w(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().to(self.dtype).contiguous()
 
+    def _prepare_ff(self, ff) -> dict:
+        """The second (post-conv) feed-forward's weights, as :meth:`_second_ffn` reads them."""
+        return {
+            "ff_w1": self._w(ff.w1.weight),
+            "ff_b1": self._w(ff.w1.bias),
+            "ff_w2": self._w(ff.w2.weight),
+            "ff_b2": self._w(ff.w2.bias),
+        }
+
+    def _second_ffn(
+        self, y: torch.Tensor, blk: dict, ff_context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """norm_ff output y (B, T', D) -> (FFN output without its last bias, that bias or None);
+        the fused add+LayerNorm adds the bias. ff_context: the encoder's side input (unused)."""
+        return self._ffn(y, blk["ff_w1"], blk["ff_b1"], blk["ff_w2"]), blk["ff_b2"]
+
     def _prepare(self, layer) -> dict:
         a, c = layer.attn, layer.conv
         qkv_w = torch.cat([a.q.weight, a.k.weight, a.v.weight], 0)
@@ -224,11 +251,8 @@ class FusedEncoder:
             "pw2_w": self._w(c.pw2.weight.squeeze(-1)),
             "pw2_b": self._w(c.pw2.bias),
             "norm_ff": _norm(layer.norm_ff),
-            "ff_w1": self._w(layer.ff.w1.weight),
-            "ff_b1": self._w(layer.ff.w1.bias),
-            "ff_w2": self._w(layer.ff.w2.weight),
-            "ff_b2": self._w(layer.ff.w2.bias),
             "norm_final": _norm(layer.norm_final),
+            **self._prepare_ff(layer.ff),
         }
         if c.norm_type == "batch_norm":
             bn = c.norm
@@ -271,7 +295,7 @@ class FusedEncoder:
             return F.linear(linear_act(y, w1, b1, self.act_name), w2)
         return F.linear(self.act(F.linear(y, w1, b1)), w2)
 
-    def _block(self, x, y, blk, lengths, chunk, left, pe):
+    def _block(self, x, y, blk, lengths, chunk, left, pe, ff_context=None):
         b, t, d = x.shape
         h, dk = self.n_head, d // self.n_head
         f = self._ffn(y, blk["mac_w1"], blk["mac_b1"], blk["mac_w2"])
@@ -318,7 +342,7 @@ class FusedEncoder:
         g = F.linear(g, blk["pw2_w"])
         n = blk["norm_ff"]
         x, y = add_layer_norm(g, x, n.weight, n.bias, n.eps, x_bias=blk["pw2_b"])
-        f = self._ffn(y, blk["ff_w1"], blk["ff_b1"], blk["ff_w2"])
+        f, f_bias = self._second_ffn(y, blk, ff_context)
         n = blk["norm_final"]
         _, x = add_layer_norm(
             f,
@@ -326,7 +350,7 @@ class FusedEncoder:
             n.weight,
             n.bias,
             n.eps,
-            x_bias=blk["ff_b2"],
+            x_bias=f_bias,
             scale=0.5,
             y_dtype=self.residual_dtype,
         )
@@ -339,11 +363,13 @@ class FusedEncoder:
         lengths: torch.Tensor,
         chunk_size: int = 0,
         num_left_chunks: int = -1,
+        ff_context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, T, F) float32 raw fbank, lengths (B,) -> (B, T', D) float32, (B,) lengths.
 
         chunk_size/num_left_chunks: the chunk mask to apply (0 = full attention), as returned by
-        :meth:`Encoder.chunk_config`.
+        :meth:`Encoder.chunk_config`. ff_context (B, T', C): side input of every block's second
+        FFN (see :meth:`_second_ffn`).
         """
         x = self._embed(feats)  # (B, T', D)
         out_lengths = self.subsampling.output_lengths(lengths)
@@ -352,7 +378,7 @@ class FusedEncoder:
         for blk in self.blocks:
             n = blk["norm_mac"]
             y = layer_norm(x, n.weight, n.bias, n.eps, y_dtype=self.dtype)
-            x = self._block(x, y, blk, out_lengths, chunk_size, num_left_chunks, pe)
+            x = self._block(x, y, blk, out_lengths, chunk_size, num_left_chunks, pe, ff_context)
         n = self.final_norm
         out = layer_norm(x, n.weight, n.bias, n.eps, y_dtype=torch.float32)
         return out, out_lengths

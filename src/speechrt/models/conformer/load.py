@@ -109,7 +109,7 @@ def load_wenet(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = parse_dtype(dtype)
-    fast = _engine(net, device, dtype, engine, cuda_graphs)
+    fast = want_fused_engine(net, device, engine)
     # The fused engine keeps its own compute-dtype weights; the torch modules stay float32.
     net = net.to(device=device, dtype=torch.float32 if fast else dtype)
     if fast:
@@ -119,8 +119,12 @@ def load_wenet(
     return WenetModel(net, symbols, path, device, dtype, engine=fast or None)
 
 
-def _engine(net, device, dtype, engine: str, cuda_graphs: bool) -> bool:
-    """Whether to build the fused engine for this request."""
+def want_fused_engine(net, device, engine: str, unsupported=None) -> bool:
+    """Whether to build the fused engine for this request (``engine``: auto, fused or torch).
+
+    unsupported: ``net -> reason or None`` (default :func:`~speechrt.models.conformer.fused.
+    supports_fused`); "fused" raises with that reason, "auto" quietly falls back to torch.
+    """
     from speechrt.kernels._utils import triton_available
     from speechrt.models.conformer.fused import supports_fused
 
@@ -128,7 +132,7 @@ def _engine(net, device, dtype, engine: str, cuda_graphs: bool) -> bool:
         raise UnsupportedOptionError(f"unknown engine '{engine}' (auto, fused, torch)")
     if engine == "torch":
         return False
-    reason = supports_fused(net)
+    reason = (unsupported or supports_fused)(net)
     on_cuda = torch.device(device).type == "cuda"
     if engine == "auto":
         return reason is None and on_cuda and triton_available()

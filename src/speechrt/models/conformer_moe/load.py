@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from speechrt.engine.precision import parse_dtype
+from speechrt.engine.precision import Precision, parse_dtype
 from speechrt.errors import ModelFormatError
+from speechrt.models.conformer.load import want_fused_engine
 from speechrt.models.conformer.tokenizer import SymbolTable
 from speechrt.models.conformer_moe.config import PROTOS, ConformerMoEConfig, parse_3m_config
 from speechrt.models.conformer_moe.convert import convert_3m_state_dict
+from speechrt.models.conformer_moe.fused import FusedMoEEncoder, supports_fused_moe
 from speechrt.models.conformer_moe.model import ConformerMoEASR, ConformerMoEModel
 
 logger = logging.getLogger(__name__)
@@ -88,8 +90,24 @@ def _symbols(path: Path, vocab: int) -> SymbolTable:
     return SymbolTable({i: f"[{i}]" for i in range(vocab)})
 
 
-def load_conformer_moe(path: str | Path, device=None, dtype=None) -> ConformerMoEModel:
-    """Load a 3M-ASR Conformer-MoE directory onto ``device`` (default: CUDA if available)."""
+def load_conformer_moe(
+    path: str | Path,
+    device=None,
+    dtype=None,
+    engine: str = "auto",
+    cuda_graphs: bool = True,
+) -> ConformerMoEModel:
+    """Load a 3M-ASR Conformer-MoE directory onto ``device`` (default: CUDA if available).
+
+    engine: as :func:`~speechrt.models.conformer.load.load_wenet` -- ``"auto"`` runs the fused
+    Triton encoder (embedding network, MoE blocks with routing + grouped expert GEMMs) and the
+    fused rescoring decoder behind CUDA graphs on CUDA; ``"torch"`` the torch modules.
+
+    Memory: the network is kept once, in ``dtype``; the engine reads the expert weights (the
+    bulk of the model) and every other weight it can use as stored from the modules' own
+    parameters, and holds private copies only of small fused tensors (Q/K/V concatenations, the
+    channels-last conv front, float32 LayerNorm parameters): ``model.engine.weight_report()``.
+    """
     from speechrt.audio.cmvn import load_global_cmvn
 
     path = Path(path)
@@ -113,8 +131,22 @@ def load_conformer_moe(path: str | Path, device=None, dtype=None) -> ConformerMo
     net = ConformerMoEASR(cfg)
     shapes = {k: v.shape for k, v in net.state_dict().items()}
     net.load_state_dict(convert_3m_state_dict(src_sd, cfg, shapes), strict=True)
+    del src_sd
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = parse_dtype(dtype)
     net = net.to(device=device, dtype=dtype)
-    return ConformerMoEModel(net, symbols, path, device, dtype, *cmvn)
+    fast = None
+    if want_fused_engine(net, device, engine, supports_fused_moe):
+        fast = build_engine(net, Precision.of(dtype), cmvn, cuda_graphs)
+    return ConformerMoEModel(net, symbols, path, device, dtype, *cmvn, engine=fast)
+
+
+def build_engine(net: ConformerMoEASR, precision: Precision, cmvn, cuda_graphs: bool = True, **kw):
+    """The :class:`~speechrt.engine.runner.ConformerEngine` of a Conformer-MoE network: its
+    fused MoE encoder (global ``cmvn`` = (mean, istd) applied inside) and fused decoders.
+    ``kw``: more ConformerEngine options (``buckets``)."""
+    from speechrt.engine.runner import ConformerEngine
+
+    encoder = FusedMoEEncoder(net.encoder, precision, cmvn=cmvn)
+    return ConformerEngine(net, precision, cuda_graphs=cuda_graphs, encoder=encoder, **kw)

@@ -133,7 +133,11 @@ class ConformerMoEModel(WenetModel):
     """A loaded 3M-ASR Conformer-MoE behind the common facade (``transcribe``, ``encode``,
     ``decode`` with WeNet's four methods). ``encode`` takes raw fbank and applies the global CMVN
     before the network; ``pad_mode="wenet"`` reproduces 3M-ASR's padded-batch outputs (its
-    recognizer decodes batch 1, which the default ``"zero"`` equals for every batch)."""
+    recognizer decodes batch 1, which the default ``"zero"`` equals for every batch).
+
+    ``engine``: a :class:`~speechrt.engine.runner.ConformerEngine` whose encoder is the fused
+    MoE encoder (:mod:`speechrt.models.conformer_moe.fused`, the same CMVN applied inside), or
+    None for the torch modules; see :func:`~speechrt.models.conformer_moe.load_conformer_moe`."""
 
     family = "conformer_moe"
 
@@ -146,8 +150,9 @@ class ConformerMoEModel(WenetModel):
         dtype,
         cmvn_mean: torch.Tensor,
         cmvn_istd: torch.Tensor,
+        engine=None,
     ):
-        super().__init__(net, symbols, path, device, dtype)
+        super().__init__(net, symbols, path, device, dtype, engine)
         self.cmvn_mean = cmvn_mean.float().to(self.device)
         self.cmvn_istd = cmvn_istd.float().to(self.device)
 

@@ -99,6 +99,19 @@ def _norm(m: torch.nn.LayerNorm) -> _Norm:
     return _Norm(m.weight.detach().float(), m.bias.detach().float(), m.eps)
 
 
+def _conv_front_kernel_fits(sub) -> bool:
+    """Whether :func:`conv_subsampling` computes this input layer: WeNet's Conv2dSubsampling4
+    (two biased, unpadded 3x3 stride-2 convs, one input channel)."""
+    convs = list(sub.convs)
+    if len(convs) != 2 or convs[0].in_channels != 1:
+        return False
+    shape = ((3, 3), (2, 2), (0, 0), (1, 1), 1)
+    return all(
+        (c.kernel_size, c.stride, c.padding, c.dilation, c.groups) == shape and c.bias is not None
+        for c in convs
+    )
+
+
 class FusedEncoder:
     """Fused-kernel encoder: ``forward(feats, lengths) -> (out (B, T', D) float32, lengths)``.
 

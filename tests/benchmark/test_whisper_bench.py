@@ -81,6 +81,7 @@ def test_markdown_report(bench_out):
         (["--steps", "446"], "--steps"),
         (["--dtypes", "fp8"], "fp8"),
         (["--e2e-preset", "huge"], "huge"),
+        (["--e2e-only"], "--e2e-only"),
     ],
 )
 def test_cli_rejects_bad_options(capsys, tmp_path, argv, needle):
@@ -104,12 +105,14 @@ def test_gpu_graph_step_matches_eager(tmp_path):
     )
     result = WhisperBench(cfg).run()
     assert not [n for n in result["notes"] if "skipped" not in n], result["notes"]
-    graph = [r for r in result["rows"] if r["provider"] == "speechrt_graph"]
-    assert [r["B"] for r in graph] == [1, 4]
+    for provider in ("speechrt_graph", "speechrt_engine", "speechrt_window"):
+        assert [r["B"] for r in result["rows"] if r["provider"] == provider] == [1, 4]
     for r in result["rows"]:
-        if r["part"] == "decode" and r["provider"] != "speechrt":
+        if r["part"] == "decode" and r["provider"] not in ("speechrt", "speechrt_window"):
             assert r["logit_diff"] < 0.1, r
             assert r["peak_mem_MiB"] > 0
+        if r["provider"] == "speechrt_engine":  # the window rows reuse its graphs
+            assert r["captures"] >= 1 and r["capture_s"] > 0, r
 
 
 def test_e2e_rtfx_on_a_saved_checkpoint(shared, tmp_path):
@@ -164,9 +167,12 @@ def test_forced_e2e_with_random_weights(shared, tmp_path):
         providers=("speechrt", "openai"),
         device="cpu",
         out=tmp_path,
+        e2e_only=True,
     )
     bench = WhisperBench(cfg)
-    rows = bench.forced_e2e_rows()
+    result = bench.run()
+    rows = result["e2e"]
+    assert not result["rows"] and "## End to end" in (tmp_path / "whisper.md").read_text()
     tok = get_tokenizer(True, TOY.num_languages)
     expected = sum(
         len(tok.encode(" " + t))

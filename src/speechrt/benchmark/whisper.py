@@ -73,6 +73,7 @@ class WhisperBenchConfig:
     e2e_model: str | None = None  # a real checkpoint (path or name) for the end-to-end RTFx
     e2e_preset: str | None = None  # random weights of these dims (default: the last model)
     e2e_batches: tuple[int, ...] = (1, 16)  # speechrt files per batch in the forced e2e
+    e2e_only: bool = False  # skip the encoder/decode rows
     out: Path = field(default_factory=lambda: Path("bench_out"))
     device: str = "cuda"
     custom_dims: dict[str, WhisperDims] | None = None  # name -> dims instead of presets (tests)
@@ -237,7 +238,7 @@ def speechrt_engine_decode(model, feats: Tensor, tokens: Tensor, prefix: int):
             logits = session.step(kv_len=j + 1)
         return logits
 
-    run.extra = lambda: _engine_extra(model.engine)  # type: ignore[attr-defined]
+    run.extra = _engine_extra(model.engine)  # type: ignore[attr-defined]
     return run
 
 
@@ -255,15 +256,24 @@ def speechrt_window_decode(model, feats: Tensor, tokens: Tensor, prefix: int):
         model.net.kernels = None
         model.decode_features(feats, options, forced_lengths=lengths)
 
-    run.extra = lambda: _engine_extra(model.engine)  # type: ignore[attr-defined]
+    run.extra = _engine_extra(model.engine)  # type: ignore[attr-defined]
     return run
 
 
-def _engine_extra(engine) -> dict:
-    stats = engine.stats()
-    extra = {"capture_s": stats["capture_s"], "captures": stats["captures"]}
-    if stats["capture_failure"]:
-        extra["note"] = stats["capture_failure"]
+def _engine_extra(engine) -> Callable[[], dict]:
+    """A callable giving the graph captures (count, seconds) made since this call."""
+    before = engine.stats()
+
+    def extra() -> dict:
+        stats = engine.stats()
+        out = {
+            "captures": stats["captures"] - before["captures"],
+            "capture_s": stats["capture_s"] - before["capture_s"],
+        }
+        if stats["capture_failure"]:
+            out["note"] = stats["capture_failure"]
+        return out
+
     return extra
 
 
@@ -327,6 +337,13 @@ def _torch_path(net) -> Callable[[Tensor], Tensor]:
 
 
 # ---------------------------------------------------------------------------------- e2e
+E2E_NOTE = (
+    "Random weights; every file's sampled token count forced to its reference transcript's "
+    "token count (`tokens`: total); first 30 s window of each file; audio decoded beforehand. "
+    "speechrt: log-mel, encoder and window decoding (greedy, no timestamps) `B` files at a "
+    "time (after a warm-up pass; `capture_s`: CUDA-graph captures); openai-whisper and "
+    "transformers: one file at a time. RTFx = audio_s / seconds."
+)
 AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg")
 
 
@@ -736,7 +753,7 @@ class WhisperBench:
     def run(self) -> dict:
         cfg = self.cfg
         cfg.out.mkdir(parents=True, exist_ok=True)
-        for name, dims in cfg.models().items():
+        for name, dims in cfg.models().items() if not cfg.e2e_only else ():
             self.run_model(name, dims)
             write_csv(cfg.out / "whisper_partial.csv", self.rows)  # survives a time-out
         e2e = []
@@ -750,23 +767,26 @@ class WhisperBench:
         enc = [r for r in self.rows if r["part"] == "encoder"]
         dec = [r for r in self.rows if r["part"] == "decode"]
         base = ["model", "dtype", "provider", "B"]
-        md = [
-            f"# speechrt Whisper benchmark\n\n`{json.dumps(env)}`\n",
-            f"Random weights, real dims; decode: {cfg.prefix}-token prefill + {cfg.steps} forced "
-            "steps per window, ms_per_token = total / steps (cross K/V included).\n",
-            "## Encoder (30 s windows)\n",
-            markdown_table(
-                enc, [*base, "latency_ms", "audio_s_per_s", "peak_mem_MiB", "compile_s"]
-            ),
-            "\n## Decode\n",
-            markdown_table(
-                dec,
-                [*base, "ms_per_token", "tokens_per_s", "peak_mem_MiB", "logit_diff", "capture_s"],
-            ),
-        ]
+        md = [f"# speechrt Whisper benchmark\n\n`{json.dumps(env)}`\n"]
+        if self.rows:
+            md += [
+                f"Random weights, real dims; decode: {cfg.prefix}-token prefill + {cfg.steps} "
+                "forced steps per window, ms_per_token = total / steps (cross K/V included).\n",
+                "## Encoder (30 s windows)\n",
+                markdown_table(
+                    enc, [*base, "latency_ms", "audio_s_per_s", "peak_mem_MiB", "compile_s"]
+                ),
+                "\n## Decode\n",
+                markdown_table(
+                    dec,
+                    [*base, "ms_per_token", "tokens_per_s", "peak_mem_MiB", "logit_diff"]
+                    + ["capture_s"],
+                ),
+            ]
         if e2e:
             columns = list(dict.fromkeys(k for r in e2e for k in r if k != "part"))
-            md += ["\n## End to end\n", markdown_table(e2e, columns)]
+            md += ["\n## End to end\n", E2E_NOTE if "tokens" in e2e[0] else "", ""]
+            md += [markdown_table(e2e, columns)]
         if self.notes:
             md += ["\n## Notes\n", "\n".join(f"- {n}" for n in self.notes)]
         (cfg.out / "whisper.md").write_text("\n".join(md) + "\n")

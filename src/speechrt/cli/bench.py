@@ -78,6 +78,9 @@ def add_parser(sub) -> None:
     w.add_argument(
         "--e2e-batches", type=_ints, default=(1, 16), help="speechrt files per batch (e2e)"
     )
+    w.add_argument(
+        "--e2e-only", action="store_true", help="only the end-to-end rows (needs --e2e-dir)"
+    )
     p.set_defaults(run=run)
 
 
@@ -127,6 +130,8 @@ def whisper_config(args: argparse.Namespace, dtypes: tuple[str, ...]):
     n_ctx = min(preset(name).n_text_ctx for name in presets)  # unknown names fail here
     if args.e2e_preset is not None:
         preset(args.e2e_preset)
+    if args.e2e_only and not args.e2e_dir:
+        raise UnsupportedOptionError("--e2e-only needs --e2e-dir")
     providers = tuple(x for x in args.providers.split(",") if x)
     for prov in providers:
         if prov not in PROVIDERS:
@@ -149,5 +154,6 @@ def whisper_config(args: argparse.Namespace, dtypes: tuple[str, ...]):
         e2e_model=args.e2e_model,
         e2e_preset=args.e2e_preset,
         e2e_batches=args.e2e_batches,
+        e2e_only=args.e2e_only,
         out=Path(args.out),
     )

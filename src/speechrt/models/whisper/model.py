@@ -293,8 +293,10 @@ class DecoderLayer(nn.Module):
         qkv = F.linear(h[:, 0], *a.packed_qkv())  # (B, 3D)
         q, k, v = (x.view(b, a.n_head, -1) for x in qkv.split(d, dim=-1))  # (B, H, Dh) each
         ck, cv = self.cache.k[:b], self.cache.v[:b]  # (B, H, L, Dh)
-        out = decode_attention(q, ck, cv, p.lengths, k_new=k, v_new=v)  # (B, H, Dh)
-        return a.wo(out.view(b, 1, d))
+        # one split: a row reads at most n_text_ctx (448) entries, usually far fewer, so
+        # splitting would mostly launch empty programs and a combine kernel
+        out = decode_attention(q, ck, cv, p.lengths, k_new=k, v_new=v, num_splits=1)
+        return a.wo(out.view(b, 1, d))  # out: (B, H, Dh)
 
     def _cross_attend(self, h: Tensor, p: _Pass) -> Tensor:
         a = self.cross_attn

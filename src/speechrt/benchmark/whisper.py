@@ -686,10 +686,14 @@ class WhisperBench:
         audio_s = sum(min(w.shape[-1], N_SAMPLES) for w in wavs) / SAMPLE_RATE
         base = {"part": "e2e", "model": name, "dtype": dt, "files": len(wavs)}
         base.update(audio_s=audio_s, tokens=sum(counts))
-        rows = [self._e2e_speechrt(base, model, wavs, counts, b) for b in cfg.e2e_batches]
+        rows: list[dict] = []
+        for b in cfg.e2e_batches:
+            rows.append(self._e2e_speechrt(base, model, wavs, counts, b))
+            write_csv(cfg.out / "whisper_partial.csv", self.rows + rows)  # survives a time-out
         for provider in ("openai", "hf"):
             if provider in cfg.providers and self._available(provider):
                 rows += self._e2e_reference(provider, base, net, dims, wavs, counts)
+                write_csv(cfg.out / "whisper_partial.csv", self.rows + rows)
         ref = next((r["RTFx"] for r in rows if r["provider"] == "openai"), None)
         for r in rows:
             if ref:

@@ -80,6 +80,8 @@ def test_markdown_report(bench_out):
         (["--providers", "speechrt,onnx"], "onnx"),
         (["--steps", "446"], "--steps"),
         (["--dtypes", "fp8"], "fp8"),
+        (["--e2e-preset", "huge"], "huge"),
+        (["--e2e-only"], "--e2e-only"),
     ],
 )
 def test_cli_rejects_bad_options(capsys, tmp_path, argv, needle):
@@ -103,12 +105,14 @@ def test_gpu_graph_step_matches_eager(tmp_path):
     )
     result = WhisperBench(cfg).run()
     assert not [n for n in result["notes"] if "skipped" not in n], result["notes"]
-    graph = [r for r in result["rows"] if r["provider"] == "speechrt_graph"]
-    assert [r["B"] for r in graph] == [1, 4]
+    for provider in ("speechrt_graph", "speechrt_engine", "speechrt_window"):
+        assert [r["B"] for r in result["rows"] if r["provider"] == provider] == [1, 4]
     for r in result["rows"]:
-        if r["part"] == "decode" and r["provider"] != "speechrt":
+        if r["part"] == "decode" and r["provider"] not in ("speechrt", "speechrt_window"):
             assert r["logit_diff"] < 0.1, r
             assert r["peak_mem_MiB"] > 0
+        if r["provider"] == "speechrt_engine":  # the window rows reuse its graphs
+            assert r["captures"] >= 1 and r["capture_s"] > 0, r
 
 
 def test_e2e_rtfx_on_a_saved_checkpoint(shared, tmp_path):
@@ -131,3 +135,55 @@ def test_e2e_rtfx_on_a_saved_checkpoint(shared, tmp_path):
     (row,) = WhisperBench(cfg).e2e_rows()
     assert row["files"] == 1 and abs(row["audio_s"] - 11.0) < 0.1
     assert row["RTFx"] > 0 and row["seconds"] > 0
+
+
+def test_engine_rows_agree_with_eager(bench_out):
+    """On CPU the transcribe-path engine runs the same step eagerly: same last logits."""
+    _, rows, _ = bench_out
+    for provider in ("speechrt_engine", "speechrt_window"):
+        dec = [r for r in rows if r["provider"] == provider and r["part"] == "decode"]
+        assert sorted(int(r["B"]) for r in dec) == [1, 2]
+        assert all(float(r["ms_per_token"]) > 0 for r in dec)
+    diffs = [float(r["logit_diff"]) for r in rows if r["provider"] == "speechrt_engine"]
+    assert len(diffs) == 2 and max(diffs) < 1e-4
+
+
+def test_forced_e2e_with_random_weights(shared, tmp_path):
+    """--e2e-dir without --e2e-model: random weights, token counts forced to trans.txt."""
+    import shutil
+
+    from speechrt.models.whisper.tokenizer import get_tokenizer
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for stem in ("a", "b", "c"):
+        shutil.copy(shared / "assets" / "whisper_assets" / "jfk.flac", audio / f"{stem}.flac")
+    (audio / "trans.txt").write_text("a AND SO MY FELLOW\nb ASK NOT\nc WHAT YOUR COUNTRY CAN DO\n")
+    cfg = WhisperBenchConfig(
+        custom_dims={"toy": TOY},
+        e2e_dir=str(audio),
+        e2e_batches=(1, 2),
+        dtypes=("fp32",),
+        providers=("speechrt", "openai"),
+        device="cpu",
+        out=tmp_path,
+        e2e_only=True,
+    )
+    bench = WhisperBench(cfg)
+    result = bench.run()
+    rows = result["e2e"]
+    assert not result["rows"] and "## End to end" in (tmp_path / "whisper.md").read_text()
+    tok = get_tokenizer(True, TOY.num_languages)
+    expected = sum(
+        len(tok.encode(" " + t))
+        for t in ("and so my fellow", "ask not", "what your country can do")
+    )
+    speechrt = [r for r in rows if r["provider"] == "speechrt"]
+    assert [r["B"] for r in speechrt] == [1, 2]
+    for r in rows:
+        assert r["files"] == 3 and abs(r["audio_s"] - 33.0) < 0.3 and r["tokens"] == expected
+        assert r["RTFx"] > 0 and r["seconds"] > 0
+    if INSTALLED["openai"]:
+        assert [r["provider"] for r in rows] == ["speechrt", "speechrt", "openai"]
+        assert all(r["vs_openai"] > 0 for r in rows)
+    assert not bench.notes, bench.notes

@@ -7,9 +7,14 @@ absolute difference of the last step's logits against speechrt eager, same dtype
 
 Providers (each skipped with a note if its package is missing or it fails):
 
-* ``speechrt`` eager, and ``speechrt_graph``: the static-cache ``step`` captured in one CUDA
-  graph per batch with a static ``kv_len`` bucket (prefix + steps); eager passes
-  ``kv_len = position + 1`` as :class:`WindowDecoder` does;
+* ``speechrt`` eager and ``speechrt_graph`` (the static-cache ``step`` captured in one CUDA
+  graph per batch with a static ``kv_len`` = prefix + steps), both on the torch path
+  (``kernels=False``: torch LayerNorm and SDPA); eager passes ``kv_len = position + 1``;
+* ``speechrt_engine``: the transcribe path's engine (``DecodeEngine``: bucketed CUDA graphs,
+  the Triton kernel path) stepping the same forced tokens, ``capture_s`` its capture time;
+  ``speechrt_window``: the whole window loop of ``transcribe`` on that engine (greedy with the
+  timestamp rules and suppression filters, stop checks), forced to ``steps`` tokens;
+  the encoder rows of ``speechrt`` take the kernel path, ``speechrt_torch`` the torch path;
 * ``openai``: openai-whisper's ``model.decoder(tokens, features, kv_cache=...)`` with its
   kv-cache hooks (weights cast to the dtype, LayerNorm kept in FP32 as speechrt does);
 * ``hf``: transformers ``WhisperForConditionalGeneration`` (SDPA) with an
@@ -20,6 +25,17 @@ features, prefill of ``prefix`` tokens, then ``steps`` single-token steps); ``ms
 that total over ``steps``. ``peak_mem_MiB``: ``torch.cuda.max_memory_allocated`` during the
 measurement minus what was allocated before the provider's model was built (its weights,
 caches and activations). On CPU (smoke runs) times come from the host clock and memory is empty.
+
+End to end (``e2e_dir`` without ``e2e_model``): every audio file of the folder (first 30 s
+window; files decoded once beforehand), random weights of ``e2e_preset``, the sampled token count
+of each file forced to the length of its reference transcript (``trans.txt``/``*.trans.txt``
+lines ``<file stem> <TEXT>``, tokenised with the model's tokenizer). speechrt: log-mel on the
+device, encoder and window decoding (language "en", no timestamps, greedy) batched
+``e2e_batches`` files at a time through the engine, i.e. ``transcribe``'s path for one-window
+files; openai-whisper: per file as its ``transcribe`` does (log-mel on the CPU, encoder,
+``DecodingTask`` with the forced length appended to its logit filters); transformers: per file,
+``generate`` with ``min_new_tokens = max_new_tokens`` = the count. RTFx = audio seconds / wall
+seconds. With ``e2e_model`` (a real checkpoint) speechrt's ``transcribe`` runs unforced.
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from speechrt.audio.log_mel import N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from speechrt.benchmark.common import (
     PeakMemory,
     cuda_time_ms,
@@ -61,6 +78,9 @@ class WhisperBenchConfig:
     seed: int = 0
     e2e_dir: str | None = None
     e2e_model: str | None = None  # a real checkpoint (path or name) for the end-to-end RTFx
+    e2e_preset: str | None = None  # random weights of these dims (default: the last model)
+    e2e_batches: tuple[int, ...] = (1, 16)  # speechrt files per batch in the forced e2e
+    e2e_only: bool = False  # skip the encoder/decode rows
     out: Path = field(default_factory=lambda: Path("bench_out"))
     device: str = "cuda"
     custom_dims: dict[str, WhisperDims] | None = None  # name -> dims instead of presets (tests)
@@ -155,14 +175,15 @@ def build_hf(net, dtype: torch.dtype):
 
 # ---------------------------------------------------------------------------------- decode loops
 def speechrt_decode(net, feats: Tensor, tokens: Tensor, prefix: int) -> Callable[[], Tensor]:
-    """Eager loop: set_audio, prefill ``prefix`` tokens, one step per remaining token.
-
-    feats (B, S, D), tokens (B, prefix + steps) -> callable returning the last logits (B, V)."""
+    """Eager loop on the torch path: set_audio, prefill ``prefix`` tokens, one step per
+    remaining token. feats (B, S, D), tokens (B, prefix + steps) -> callable returning the
+    last logits (B, V)."""
     b, n = tokens.shape
     net.setup_caches(b, n, b)
     positions = torch.empty(b, dtype=torch.long, device=tokens.device)
 
     def run() -> Tensor:
+        net.kernels = False
         net.set_audio(feats)
         logits = net.prefill(tokens[:, :prefix])[:, -1]
         for j in range(prefix, n):
@@ -177,6 +198,7 @@ def speechrt_graph_decode(net, feats: Tensor, tokens: Tensor, prefix: int):
     """As :func:`speechrt_decode`, with ``step`` (static kv_len = prefix + steps) replayed from
     one CUDA graph; the returned callable also returns the last logits (B, V)."""
     b, n = tokens.shape
+    net.kernels = False
     net.setup_caches(b, n, b)
     tok_buf = tokens[:, prefix : prefix + 1].clone()  # (B, 1)
     pos_buf = torch.full((b,), prefix, dtype=torch.long, device=tokens.device)
@@ -193,6 +215,7 @@ def speechrt_graph_decode(net, feats: Tensor, tokens: Tensor, prefix: int):
         out = net.step(tok_buf, pos_buf, kv_len=n)
 
     def run() -> Tensor:
+        net.kernels = False
         net.set_audio(feats)
         net.prefill(tokens[:, :prefix])
         for j in range(prefix, n):
@@ -202,6 +225,63 @@ def speechrt_graph_decode(net, feats: Tensor, tokens: Tensor, prefix: int):
         return out
 
     return run, graph
+
+
+def speechrt_engine_decode(model, feats: Tensor, tokens: Tensor, prefix: int):
+    """The transcribe path's engine (``model.engine``: bucketed CUDA graphs, kernel path)
+    stepping the forced tokens: the session's own token buffer holds them, each step reads its
+    position. Returns the callable (last logits (B, V)); ``run.extra()`` gives capture stats."""
+    b, n = tokens.shape
+    width = model.dims.n_text_ctx + 1
+
+    def run() -> Tensor:
+        model.net.kernels = None
+        session = model.engine.session(feats, 1)
+        buffer, positions = session.token_buffers(b, width)
+        buffer[:, :n].copy_(tokens)
+        logits = session.prefill(buffer[:, :prefix])[:, -1]
+        for j in range(prefix, n):
+            positions.fill_(j)
+            logits = session.step(kv_len=j + 1)
+        return logits
+
+    run.extra = _engine_extra(model.engine)  # type: ignore[attr-defined]
+    return run
+
+
+def speechrt_window_decode(model, feats: Tensor, tokens: Tensor, prefix: int):
+    """``transcribe``'s window loop on the engine: greedy decoding (language "en", timestamp
+    rules and suppression filters, stop checks) forced to ``steps`` sampled tokens per row.
+    The callable returns None (its tokens are the model's, not the forced ones)."""
+    from speechrt.decoding.whisper import WhisperDecodeOptions
+
+    b, n = tokens.shape
+    options = WhisperDecodeOptions(language="en", sample_len=n - prefix + 1)
+    lengths = torch.full((b,), n - prefix, dtype=torch.long)
+
+    def run() -> None:
+        model.net.kernels = None
+        model.decode_features(feats, options, forced_lengths=lengths)
+
+    run.extra = _engine_extra(model.engine)  # type: ignore[attr-defined]
+    return run
+
+
+def _engine_extra(engine) -> Callable[[], dict]:
+    """A callable giving the graph captures (count, seconds) made since this call."""
+    before = engine.stats()
+
+    def extra() -> dict:
+        stats = engine.stats()
+        out = {
+            "captures": stats["captures"] - before["captures"],
+            "capture_s": stats["capture_s"] - before["capture_s"],
+        }
+        if stats["capture_failure"]:
+            out["note"] = stats["capture_failure"]
+        return out
+
+    return extra
 
 
 def openai_decode(model, feats: Tensor, tokens: Tensor, prefix: int) -> Callable[[], Tensor]:
@@ -243,6 +323,125 @@ def hf_decode(model, feats: Tensor, tokens: Tensor, prefix: int) -> Callable[[],
     return run
 
 
+def _kernel_path(net) -> Callable[[Tensor], Tensor]:
+    """net.embed_audio on the default path (kernels on CUDA)."""
+
+    def encode(mel: Tensor) -> Tensor:
+        net.kernels = None
+        return net.embed_audio(mel)
+
+    return encode
+
+
+def _torch_path(net) -> Callable[[Tensor], Tensor]:
+    """net.embed_audio on the torch path (torch LayerNorm, unfused residual)."""
+
+    def encode(mel: Tensor) -> Tensor:
+        net.kernels = False
+        return net.embed_audio(mel)
+
+    return encode
+
+
+# ---------------------------------------------------------------------------------- e2e
+E2E_NOTE = (
+    "Random weights; every file's sampled token count forced to its reference transcript's "
+    "token count (`tokens`: total); first 30 s window of each file; audio decoded beforehand. "
+    "speechrt: log-mel, encoder and window decoding (greedy, no timestamps) `B` files at a "
+    "time (after a warm-up pass; `capture_s`: CUDA-graph captures); openai-whisper and "
+    "transformers: one file at a time. RTFx = audio_s / seconds."
+)
+AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg")
+
+
+def e2e_inputs(folder: Path) -> tuple[list[Tensor], list[str]]:
+    """Audio (16 kHz mono (N,) each, decoded once) and reference texts of the files of
+    ``folder`` that a ``*trans.txt`` line (``<file stem> <TEXT>``) describes, sorted by name."""
+    from speechrt.audio.io import load_audio
+
+    texts: dict[str, str] = {}
+    for trans in sorted(folder.glob("*trans.txt")):
+        for line in trans.read_text().splitlines():
+            stem, _, text = line.strip().partition(" ")
+            if stem:
+                texts[stem] = text
+    files = sorted(f for f in folder.iterdir() if f.suffix in AUDIO_SUFFIXES and f.stem in texts)
+    if not files:
+        raise FileNotFoundError(f"no audio files with a trans.txt line in {folder}")
+    return [load_audio(f) for f in files], [texts[f.stem] for f in files]
+
+
+def speechrt_forced(model, wavs: list[Tensor], counts: list[int], batch: int) -> None:
+    """transcribe's path for one-window files, ``batch`` files at a time: log-mel on the model's
+    device, encoder, window decoding (greedy, "en", no timestamps) of exactly ``counts`` tokens."""
+    from speechrt.decoding.whisper import WhisperDecodeOptions
+
+    options = WhisperDecodeOptions(language="en", without_timestamps=True)
+    for i in range(0, len(wavs), batch):
+        mels = [model.log_mel(w, padding=N_SAMPLES)[:, :N_FRAMES] for w in wavs[i : i + batch]]
+        features = model.embed_audio(torch.stack(mels))  # (b, S, D)
+        lengths = torch.tensor(counts[i : i + batch])
+        model.decode_features(features, options, forced_lengths=lengths)
+
+
+class _OpenAIForcedLength:
+    """An openai-whisper logit filter: EOT forbidden before ``n`` sampled tokens, forced at n."""
+
+    def __init__(self, n: int, sample_begin: int, eot: int) -> None:
+        self.n, self.sample_begin, self.eot = n, sample_begin, eot
+
+    def apply(self, logits: Tensor, tokens: Tensor) -> None:
+        if tokens.shape[1] - self.sample_begin < self.n:
+            logits[:, self.eot] = float("-inf")
+        else:
+            eot = logits[:, self.eot].clone()
+            logits.fill_(float("-inf"))
+            logits[:, self.eot] = eot
+
+
+def openai_forced(oa, wavs: list[Tensor], counts: list[int], dtype: torch.dtype) -> None:
+    """openai-whisper, one file at a time as its ``transcribe`` does for a one-window file:
+    log-mel on the CPU, then ``DecodingTask`` (greedy, "en", no timestamps) with the forced
+    length appended to its logit filters."""
+    from whisper.audio import log_mel_spectrogram
+    from whisper.decoding import DecodingOptions, DecodingTask
+
+    device = next(oa.parameters()).device
+    options = DecodingOptions(
+        language="en", without_timestamps=True, fp16=dtype == torch.float16, temperature=0.0
+    )
+    for wav, n in zip(wavs, counts):
+        mel = log_mel_spectrogram(wav, oa.dims.n_mels, padding=N_SAMPLES)[:, :N_FRAMES]
+        task = DecodingTask(oa, options)
+        task.logit_filters.append(_OpenAIForcedLength(n, task.sample_begin, task.tokenizer.eot))
+        task.run(mel[None].to(device))
+
+
+def hf_forced(hf, dims: WhisperDims, wavs: list[Tensor], counts: list[int], dtype) -> None:
+    """transformers, one file at a time: its feature extractor, then the generic ``generate``
+    (greedy, decoder prompt <|startoftranscript|><|en|><|transcribe|><|notimestamps|>) with
+    ``min_new_tokens = counts[i]`` and ``max_new_tokens = counts[i] + 1``."""
+    from transformers import GenerationMixin, WhisperFeatureExtractor
+
+    from speechrt.models.whisper.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(dims.is_multilingual, dims.num_languages).with_options("en", "transcribe")
+    device = next(hf.parameters()).device
+    prompt = torch.tensor([[*tok.sot_sequence, tok.no_timestamps]], device=device)
+    extractor = WhisperFeatureExtractor(feature_size=dims.n_mels)
+    for wav, n in zip(wavs, counts):
+        feats = extractor(wav.numpy(), sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        GenerationMixin.generate(
+            hf,
+            input_features=feats.input_features.to(device, dtype),
+            decoder_input_ids=prompt,
+            min_new_tokens=n,
+            max_new_tokens=n + 1,
+            do_sample=False,
+            num_beams=1,
+        )
+
+
 # ---------------------------------------------------------------------------------- memory
 # ---------------------------------------------------------------------------------- bench
 class WhisperBench:
@@ -273,37 +472,44 @@ class WhisperBench:
             feats, tokens = self._decode_inputs(dims, dt, b)
             mem.reset()
             try:
-                last, ms = self._time_decode(make, feats, tokens)
+                last, ms, extra = self._time_decode(make, feats, tokens)
             except Exception as e:  # noqa: BLE001 - report and go on (e.g. capture fails)
                 self.notes.append(f"{name} {dt} {provider} B={b}: {type(e).__name__}: {e}")
                 continue
             row = self._row("decode", name, dt, provider, b, ms / self.cfg.steps, mem.peak_mib())
             row["ms_per_token"] = row.pop("latency_ms")
             row["tokens_per_s"] = b * 1000.0 / row["ms_per_token"]
+            note = extra.pop("note", None)
+            if note:
+                self.notes.append(f"{name} {dt} {provider} B={b}: {note}")
+            row.update(extra)
             key = (name, dt, b)
             if provider == "speechrt":
                 ref[key] = last
-            elif key in ref:
+            elif key in ref and last is not None:
                 row["logit_diff"] = float((last - ref[key]).abs().max())
             rows.append(row)
         return rows
 
     @staticmethod
-    def _time_decode(make, feats: Tensor, tokens: Tensor) -> tuple[Tensor, float]:
-        """(last logits (B, V) FP32, ms of one decode window) of the loop ``make`` builds."""
+    def _time_decode(make, feats: Tensor, tokens: Tensor) -> tuple[Tensor | None, float, dict]:
+        """(last logits (B, V) FP32 or None, ms of one decode window, extra row fields such
+        as the engine's capture time) of the loop ``make`` builds (its first call captures)."""
         graph = None
         with torch.inference_mode():
             run = make(feats, tokens)
             if isinstance(run, tuple):  # (callable, CUDA graph)
                 run, graph = run
             try:
-                last = run().float().clone()
+                last = run()
+                last = None if last is None else last.float().clone()
+                extra = getattr(run, "extra", dict)()
                 ms = cuda_time_ms(run, warmup=1, min_iters=3, budget_s=0.5, max_iters=20)
             finally:
                 for h in getattr(run, "hooks", ()):  # openai-whisper's kv-cache hooks
                     h.remove()
                 del graph
-        return last, ms
+        return last, ms, extra
 
     def _decode_inputs(self, dims: WhisperDims, dt: str, b: int) -> tuple[Tensor, Tensor]:
         """Random features (B, S, D) in ``dt`` and forced tokens (B, prefix + steps)."""
@@ -331,6 +537,8 @@ class WhisperBench:
         mem = self._speechrt_mem if provider == "speechrt" else PeakMemory(self.dev)
         encode, makers = self._setup(provider, net, DTYPES[dt])
         rows = self._encoder_rows(name, dims, dt, provider, encode, mem)
+        if provider == "speechrt" and torch.device(self.dev).type == "cuda":
+            rows += self._encoder_rows(name, dims, dt, "speechrt_torch", _torch_path(net), mem)
         if self.cfg.compile:
             rows += self._compile_rows(name, dims, dt, provider, encode, mem)
         for label, make in makers.items():
@@ -342,10 +550,15 @@ class WhisperBench:
         prefix = self.cfg.prefix
         with torch.inference_mode():
             if provider == "speechrt":
+                from speechrt.models.whisper.runtime import WhisperModel
+
+                model = WhisperModel(net, cuda_graphs=self.cfg.cuda_graphs)
                 makers = {"speechrt": lambda f, t: speechrt_decode(net, f, t, prefix)}
                 if self.cfg.cuda_graphs and torch.device(self.dev).type == "cuda":
                     makers["speechrt_graph"] = lambda f, t: speechrt_graph_decode(net, f, t, prefix)
-                return net.embed_audio, makers
+                makers["speechrt_engine"] = lambda f, t: speechrt_engine_decode(model, f, t, prefix)
+                makers["speechrt_window"] = lambda f, t: speechrt_window_decode(model, f, t, prefix)
+                return _kernel_path(net), makers
             if provider == "openai":
                 oa = build_openai(net, dtype)
                 return oa.encoder, {"openai": lambda f, t: openai_decode(oa, f, t, prefix)}
@@ -434,15 +647,104 @@ class WhisperBench:
             }
         ]
 
+    # -------------------------------------------------------------- e2e, forced lengths
+    def forced_e2e_rows(self) -> list[dict]:
+        """RTFx of every provider over ``e2e_dir`` with random weights and forced token counts
+        (see the module docstring); one row per provider (speechrt: per ``e2e_batches``)."""
+        from speechrt.models.whisper.runtime import WhisperModel
+
+        cfg = self.cfg
+        models = cfg.models()
+        name = cfg.e2e_preset or list(models)[-1]
+        dims = models[name] if name in models else preset(name)
+        dt = cfg.dtypes[0]
+        wavs, texts = e2e_inputs(Path(cfg.e2e_dir))
+        net = build_speechrt(dims, DTYPES[dt], self.dev, cfg.seed)
+        model = WhisperModel(net, cuda_graphs=cfg.cuda_graphs)
+        max_count = dims.n_text_ctx // 2 - 1
+        counts = [
+            max(1, min(len(model.tokenizer.encode(" " + t.lower())), max_count)) for t in texts
+        ]
+        audio_s = sum(min(w.shape[-1], N_SAMPLES) for w in wavs) / SAMPLE_RATE
+        base = {"part": "e2e", "model": name, "dtype": dt, "files": len(wavs)}
+        base.update(audio_s=audio_s, tokens=sum(counts))
+        rows: list[dict] = []
+        for b in cfg.e2e_batches:
+            rows.append(self._e2e_speechrt(base, model, wavs, counts, b))
+            write_csv(cfg.out / "whisper_partial.csv", self.rows + rows)  # survives a time-out
+        for provider in ("openai", "hf"):
+            if provider in cfg.providers and self._available(provider):
+                rows += self._e2e_reference(provider, base, net, dims, wavs, counts)
+                write_csv(cfg.out / "whisper_partial.csv", self.rows + rows)
+        ref = next((r["RTFx"] for r in rows if r["provider"] == "openai"), None)
+        for r in rows:
+            if ref:
+                r["vs_openai"] = r["RTFx"] / ref
+        return rows
+
+    def _e2e_speechrt(self, base, model, wavs, counts, batch: int) -> dict:
+        """speechrt over all files, ``batch`` at a time (warm-up pass first: graph captures)."""
+
+        def run() -> None:
+            speechrt_forced(model, wavs, counts, batch)
+
+        row = self._e2e_row(base, "speechrt", batch, run, run)
+        row["capture_s"] = model.engine.stats()["capture_s"]
+        return row
+
+    def _e2e_reference(self, provider, base, net, dims, wavs, counts) -> list[dict]:
+        """openai-whisper or transformers over the same files, one file at a time."""
+        dtype = DTYPES[base["dtype"]]
+        try:
+            if provider == "openai":
+                oa = build_openai(net, dtype)
+
+                def run(n: int = len(wavs)) -> None:
+                    openai_forced(oa, wavs[:n], counts[:n], dtype)
+
+            else:
+                hf = build_hf(net, dtype)
+
+                def run(n: int = len(wavs)) -> None:
+                    hf_forced(hf, dims, wavs[:n], counts[:n], dtype)
+
+            return [self._e2e_row(base, provider, 1, run, lambda: run(1))]
+        except Exception as e:  # noqa: BLE001 - one provider failing must not stop all
+            self.notes.append(f"e2e {provider}: {type(e).__name__}: {e}")
+            return []
+        finally:
+            free_cuda_cache(self.dev)
+
+    def _e2e_row(self, base: dict, provider: str, batch: int, run, warmup) -> dict:
+        """Time ``run`` (all files) once after ``warmup``; a row with seconds and RTFx."""
+        cuda = torch.device(self.dev).type == "cuda"
+        with torch.inference_mode():
+            warmup()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run()
+            if cuda:
+                torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+        print(f"done e2e {provider} B={batch}", flush=True)
+        return {
+            **base,
+            "provider": provider,
+            "B": batch,
+            "seconds": sec,
+            "RTFx": base["audio_s"] / sec,
+        }
+
     def run(self) -> dict:
         cfg = self.cfg
         cfg.out.mkdir(parents=True, exist_ok=True)
-        for name, dims in cfg.models().items():
+        for name, dims in cfg.models().items() if not cfg.e2e_only else ():
             self.run_model(name, dims)
             write_csv(cfg.out / "whisper_partial.csv", self.rows)  # survives a time-out
-        e2e = self.e2e_rows() if cfg.e2e_dir and cfg.e2e_model else []
-        if cfg.e2e_dir and not cfg.e2e_model:
-            self.notes.append("e2e: skipped (--e2e-dir needs --e2e-model, a real checkpoint)")
+        e2e = []
+        if cfg.e2e_dir:
+            e2e = self.e2e_rows() if cfg.e2e_model else self.forced_e2e_rows()
         return self.report(e2e)
 
     def report(self, e2e: list[dict]) -> dict:
@@ -451,21 +753,26 @@ class WhisperBench:
         enc = [r for r in self.rows if r["part"] == "encoder"]
         dec = [r for r in self.rows if r["part"] == "decode"]
         base = ["model", "dtype", "provider", "B"]
-        md = [
-            f"# speechrt Whisper benchmark\n\n`{json.dumps(env)}`\n",
-            f"Random weights, real dims; decode: {cfg.prefix}-token prefill + {cfg.steps} forced "
-            "steps per window, ms_per_token = total / steps (cross K/V included).\n",
-            "## Encoder (30 s windows)\n",
-            markdown_table(
-                enc, [*base, "latency_ms", "audio_s_per_s", "peak_mem_MiB", "compile_s"]
-            ),
-            "\n## Decode\n",
-            markdown_table(
-                dec, [*base, "ms_per_token", "tokens_per_s", "peak_mem_MiB", "logit_diff"]
-            ),
-        ]
+        md = [f"# speechrt Whisper benchmark\n\n`{json.dumps(env)}`\n"]
+        if self.rows:
+            md += [
+                f"Random weights, real dims; decode: {cfg.prefix}-token prefill + {cfg.steps} "
+                "forced steps per window, ms_per_token = total / steps (cross K/V included).\n",
+                "## Encoder (30 s windows)\n",
+                markdown_table(
+                    enc, [*base, "latency_ms", "audio_s_per_s", "peak_mem_MiB", "compile_s"]
+                ),
+                "\n## Decode\n",
+                markdown_table(
+                    dec,
+                    [*base, "ms_per_token", "tokens_per_s", "peak_mem_MiB", "logit_diff"]
+                    + ["capture_s"],
+                ),
+            ]
         if e2e:
-            md += ["\n## End to end\n", markdown_table(e2e, list(e2e[0]))]
+            columns = list(dict.fromkeys(k for r in e2e for k in r if k != "part"))
+            md += ["\n## End to end\n", E2E_NOTE if "tokens" in e2e[0] else "", ""]
+            md += [markdown_table(e2e, columns)]
         if self.notes:
             md += ["\n## Notes\n", "\n".join(f"- {n}" for n in self.notes)]
         (cfg.out / "whisper.md").write_text("\n".join(md) + "\n")

@@ -82,7 +82,21 @@ def add_parser(sub) -> None:
         "--torch-compile", action="store_true", help="also time torch.compile'd encoders (slow)"
     )
     w.add_argument(
-        "--e2e-model", default=None, help="real checkpoint (path or name) for --e2e-dir RTFx"
+        "--e2e-model",
+        default=None,
+        help="real checkpoint (path or name) for --e2e-dir RTFx (unforced transcribe)",
+    )
+    w.add_argument(
+        "--e2e-preset",
+        default=None,
+        help="without --e2e-model: random weights of this preset, token counts forced to the "
+        "folder's trans.txt (default: the last of --presets)",
+    )
+    w.add_argument(
+        "--e2e-batches", type=_ints, default=(1, 16), help="speechrt files per batch (e2e)"
+    )
+    w.add_argument(
+        "--e2e-only", action="store_true", help="only the end-to-end rows (needs --e2e-dir)"
     )
     p.set_defaults(run=run)
 
@@ -139,6 +153,10 @@ def whisper_config(args: argparse.Namespace, dtypes: tuple[str, ...]):
 
     presets = tuple(x for x in args.presets.split(",") if x)
     n_ctx = min(preset(name).n_text_ctx for name in presets)  # unknown names fail here
+    if args.e2e_preset is not None:
+        preset(args.e2e_preset)
+    if args.e2e_only and not args.e2e_dir:
+        raise UnsupportedOptionError("--e2e-only needs --e2e-dir")
     providers = tuple(x for x in args.providers.split(",") if x)
     for prov in providers:
         if prov not in PROVIDERS:
@@ -159,6 +177,9 @@ def whisper_config(args: argparse.Namespace, dtypes: tuple[str, ...]):
         compile=args.torch_compile,
         e2e_dir=args.e2e_dir,
         e2e_model=args.e2e_model,
+        e2e_preset=args.e2e_preset,
+        e2e_batches=args.e2e_batches,
+        e2e_only=args.e2e_only,
         out=Path(args.out),
     )
 

@@ -1,9 +1,11 @@
 """Decoding of 30 s Whisper windows: language detection, greedy/sampling/beam search, filters.
 
-Decoding consumes tensors through a :class:`DecoderSession` (the network after ``set_audio``),
-never a model. Semantics follow openai-whisper's ``decoding.py`` (same options, same tokens on
-CPU) but every step is batched over audios and candidates, and the step loop never reads the
-device except through :class:`StopFlag` (on CUDA, one step late and without stalling).
+Decoding consumes tensors through a :class:`DecoderSession` (the engine's session after
+``set_audio``, or a bare network wrapped in :class:`EagerSession`), never a model. Semantics
+follow openai-whisper's ``decoding.py`` (same options, same tokens on CPU) but every step is
+batched over audios and candidates, and the step loop never reads the device except through
+:class:`StopFlag` (on CUDA, one step late and without stalling). The session owns the token
+buffer and the positions that its step reads, so a captured step replays without copies.
 """
 
 from __future__ import annotations
@@ -11,12 +13,18 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
-from speechrt.decoding.whisper_filters import ApplyTimestampRules, SuppressBlank, SuppressTokens
+from speechrt.decoding.whisper_filters import (
+    ApplyTimestampRules,
+    ForcedLength,
+    SuppressBlank,
+    SuppressTokens,
+)
 from speechrt.decoding.whisper_search import BeamSearch, GreedySearch, rank
 from speechrt.errors import UnsupportedOptionError
 
@@ -32,6 +40,23 @@ class DecoderSession(Protocol):
     Rows are grouped by audio (row b reads audio b // (B / n_audio)).
     """
 
+    def token_buffers(self, batch: int, width: int) -> tuple[Tensor, Tensor]:
+        """Token buffer (B, width) and positions (B,), long, that :meth:`step` reads."""
+
+    def prefill(self, tokens: Tensor) -> Tensor:
+        """tokens (B, T) at positions [0, T) -> logits (B, T, V) FP32."""
+
+    def step(self, kv_len: int) -> Tensor:
+        """The token tokens[b, positions[b]] of every row at its position (< kv_len) ->
+        logits (B, V) FP32, valid until the next step (filters may edit it in place)."""
+
+    def reorder_cache(self, source: Tensor, length: int) -> None:
+        """Self-attention cache row b <- row source[b] (positions [0, length) are written)."""
+
+
+class CachedNet(Protocol):
+    """A bare network with static caches (``WhisperNet`` after ``set_audio``)."""
+
     def prefill(self, tokens: Tensor) -> Tensor:
         """tokens (B, T) at positions [0, T) -> logits (B, T, V) FP32."""
 
@@ -40,6 +65,31 @@ class DecoderSession(Protocol):
 
     def reorder_cache(self, source: Tensor) -> None:
         """Self-attention cache row b <- row source[b]."""
+
+
+class EagerSession:
+    """A :class:`DecoderSession` over a bare :class:`CachedNet`: plain buffers, eager steps."""
+
+    def __init__(self, net: CachedNet, device: torch.device) -> None:
+        self.net = net
+        self.device = device
+        self.tokens: Tensor | None = None
+        self.positions: Tensor | None = None
+
+    def token_buffers(self, batch: int, width: int) -> tuple[Tensor, Tensor]:
+        self.tokens = torch.zeros(batch, width, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
+        return self.tokens, self.positions
+
+    def prefill(self, tokens: Tensor) -> Tensor:
+        return self.net.prefill(tokens)
+
+    def step(self, kv_len: int) -> Tensor:
+        tokens = self.tokens.gather(1, self.positions[:, None])  # (B, 1)
+        return self.net.step(tokens, self.positions, kv_len=kv_len)
+
+    def reorder_cache(self, source: Tensor, length: int) -> None:
+        self.net.reorder_cache(source)
 
 
 @dataclass(frozen=True)
@@ -206,16 +256,20 @@ class WindowDecoder:
 
     def run(
         self,
-        session: DecoderSession,
+        session: DecoderSession | CachedNet,
         n_audio: int,
         device: torch.device,
         prompts: Sequence[Sequence[int]] | None = None,
+        forced_lengths: Tensor | None = None,
     ) -> list[WindowResult]:
         """Decode ``n_audio`` windows whose features the session holds.
 
         ``prompts``: one previous-text prompt per window, replacing ``options.prompt``; all
-        must give initial tokens as long as ``options.prompt`` does.
+        must give initial tokens as long as ``options.prompt`` does. ``forced_lengths`` (A,)
+        (benchmarks): window a samples exactly that many tokens, then EOT.
         """
+        if not hasattr(session, "token_buffers"):
+            session = EagerSession(session, device)
         tok, opts = self.tokenizer, self.options
         tokens = torch.full((n_audio, self.n_ctx + 1), tok.eot, dtype=torch.long, device=device)
         tokens[:, : self.sample_begin] = self._initial_rows(prompts, n_audio, device)
@@ -224,10 +278,15 @@ class WindowDecoder:
             lang_tokens, language_probs = detect_language(session, tok, n_audio, device)
             languages = [max(p, key=p.get) for p in language_probs]
             tokens[:, self.sot_index + 1] = lang_tokens
-        tokens = tokens.repeat_interleave(self.group, dim=0)  # (B, n_ctx + 1)
-        search, length, no_speech = self._search(session, tokens, n_audio, device)
+        filters = list(self.filters)
+        if forced_lengths is not None:
+            lengths = forced_lengths.to(device).repeat_interleave(self.group)  # (B,)
+            filters.append(ForcedLength(lengths, self.sample_begin, tok.eot))
+        buffer, positions = session.token_buffers(n_audio * self.group, self.n_ctx + 1)
+        buffer.copy_(tokens.repeat_interleave(self.group, dim=0))  # (B, n_ctx + 1)
+        search, length, no_speech = self._search(session, buffer, positions, filters, n_audio)
         chosen = rank(
-            search.finalize(tokens, length, self.group),
+            search.finalize(buffer, length, self.group),
             self.sample_begin,
             tok.eot,
             opts.length_penalty,
@@ -246,10 +305,18 @@ class WindowDecoder:
             raise ValueError("need one prompt per window, all as long as options.prompt")
         return torch.tensor(rows, device=device)  # (A, sample_begin)
 
-    def _search(self, session: DecoderSession, tokens: Tensor, n_audio: int, device: torch.device):
-        """The step loop; returns (search, final length, no-speech probability per row)."""
+    def _search(
+        self,
+        session: DecoderSession,
+        tokens: Tensor,
+        positions: Tensor,
+        filters: list,
+        n_audio: int,
+    ):
+        """The step loop over the session's buffers tokens (B, n_ctx + 1) and positions (B,);
+        returns (search, final length, no-speech probability per row)."""
         opts, eot = self.options, self.tokenizer.eot
-        batch = tokens.shape[0]
+        batch, device = tokens.shape[0], tokens.device
         if opts.beam_size is not None:
             search = BeamSearch(opts.beam_size, eot, opts.patience, n_audio, self.n_ctx, device)
         else:
@@ -259,14 +326,14 @@ class WindowDecoder:
         logits = session.prefill(tokens[:, :length])  # (B, T, V)
         no_speech = logits[:, self.sot_index].float().softmax(dim=-1)[:, self.tokenizer.no_speech]
         logits = logits[:, -1]
-        positions = torch.empty(batch, dtype=torch.long, device=device)
         for i in range(self.sample_len):
             if i > 0:
                 positions.fill_(length - 1)
-                logits = session.step(tokens[:, length - 1 : length], positions, kv_len=length)
-            for f in self.filters:
+                logits = session.step(kv_len=length)
+            for f in filters:
                 f.apply(logits, tokens, length)
-            search.update(tokens, length, logits, session.reorder_cache)
+            # cache positions [0, length) hold keys/values now
+            search.update(tokens, length, logits, partial(session.reorder_cache, length=length))
             length += 1
             if length > self.n_ctx or stop(search.done):
                 break

@@ -104,3 +104,23 @@ class ApplyTimestampRules:
         ts_index = torch.arange(timestamps.shape[1], device=logits.device)
         below = (where_last >= 0)[:, None] & (ts_index[None, :] < limit[:, None])  # (B, n_ts)
         timestamps.masked_fill_(below, NEG_INF)
+
+
+class ForcedLength:
+    """Benchmarks: row b samples exactly ``lengths[b]`` tokens, then EOT (EOT is forbidden
+    before, everything else at that step). Apply it last."""
+
+    def __init__(self, lengths: Tensor, sample_begin: int, eot: int) -> None:
+        self.lengths = lengths  # (B,) long, on the logits' device
+        self.sample_begin = sample_begin
+        self.eot = eot
+        self._not_eot: Tensor | None = None  # (V,) bool
+
+    def apply(self, logits: Tensor, tokens: Tensor, length: int) -> None:
+        sampled = length - self.sample_begin  # tokens sampled so far (host int)
+        logits[:, self.eot].masked_fill_(self.lengths > sampled, NEG_INF)
+        if self._not_eot is None:
+            self._not_eot = torch.ones_like(logits[0], dtype=torch.bool)
+            self._not_eot[self.eot] = False
+        ends = (self.lengths == sampled)[:, None] & self._not_eot[None, :]  # (B, V)
+        logits.masked_fill_(ends, NEG_INF)

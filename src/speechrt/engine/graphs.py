@@ -5,6 +5,10 @@ key (static input buffers, warm-up on a side stream, capture, replay); elsewhere
 ``enabled=False``, it calls ``fn`` directly, so a bug reproduces without graphs. Inputs are copied
 into the static buffers with ``copy_`` (shape must equal the bucket's); outputs are the graph's
 static tensors, valid until the next replay of that bucket, so callers copy what they keep.
+
+With ``copy_inputs=False`` the caller's tensors ARE the static buffers: they are captured as
+given and must be passed again (the same tensor objects) with that key, so replays copy
+nothing. Non-tensor inputs (ints, flags) are passed through; they are constant per key.
 """
 
 from __future__ import annotations
@@ -36,13 +40,27 @@ class GraphStats:
 class GraphRunner:
     """Bucketed CUDA-graph replay of ``fn``; see the module docstring."""
 
-    def __init__(self, fn: Callable, enabled: bool = True, warmup: int = 2, pool=None):
+    def __init__(
+        self,
+        fn: Callable,
+        enabled: bool = True,
+        warmup: int = 2,
+        pool=None,
+        copy_inputs: bool = True,
+    ):
+        """``warmup``: eager calls before a capture (0 for a ``fn`` that is not idempotent,
+        e.g. a permutation applied in place); ``pool``: a graph memory pool to share."""
         self.fn = fn
         self.enabled = enabled
         self.warmup = warmup
         self.pool = pool
+        self.copy_inputs = copy_inputs
         self.graphs: dict[object, _Captured] = {}
         self.stats = GraphStats()
+
+    def clear(self) -> None:
+        """Drop every captured graph (e.g. after buffers they read were reallocated)."""
+        self.graphs.clear()
 
     def _use_graphs(self, inputs) -> bool:
         return (
@@ -54,7 +72,9 @@ class GraphRunner:
     def capture(self, key, *inputs: torch.Tensor) -> _Captured:
         """Capture ``fn`` for this bucket (warm-up included); returns the captured entry."""
         t0 = time.perf_counter()
-        static = tuple(t.clone() for t in inputs)
+        static = tuple(
+            t.clone() if self.copy_inputs and isinstance(t, torch.Tensor) else t for t in inputs
+        )
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -86,7 +106,8 @@ class GraphRunner:
                 self.stats.eager_calls += 1
                 return self.fn(*inputs)
         for dst, src in zip(entry.inputs, inputs):
-            dst.copy_(src)
+            if isinstance(dst, torch.Tensor) and dst is not src:
+                dst.copy_(src)
         entry.graph.replay()
         self.stats.replays += 1
         return entry.output

@@ -8,8 +8,16 @@ Decoding runs in three calls, all free of host syncs (graph-safe once caches exi
 
 Batch rows are grouped by audio: row ``b`` belongs to audio ``b // group`` (beams or samples of
 one audio are adjacent), so cross-attention folds a group into the query axis instead of copying
-the audio K/V per beam. LayerNorm runs in FP32 whatever the weight dtype; attention uses
-``torch.nn.functional.scaled_dot_product_attention``.
+the audio K/V per beam. LayerNorm runs in FP32 whatever the weight dtype.
+
+Two paths compute the same network. The torch path (CPU, or ``kernels=False``) uses
+``F.layer_norm`` and ``scaled_dot_product_attention`` with a ``(B, 1, 1, kv_len)`` mask in steps.
+The kernel path (CUDA by default, ``kernels=True`` forces it, e.g. under ``TRITON_INTERPRET=1``)
+keeps the residual stream in FP32 and fuses each residual add with the next LayerNorm
+(``kernels.layer_norm``), projects q/k/v with one GEMM, and in steps attends with
+``kernels.decode_attention``: self-attention writes the new key/value and reads exactly
+``positions + 1`` cache entries (``kv_len`` is then irrelevant), cross-attention reads the audio's
+K/V once per group of rows.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechrt.errors import AudioError
+from speechrt.kernels._utils import triton_importable
 from speechrt.models.whisper.config import WhisperDims
 
 
@@ -31,6 +40,21 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:  # (..., D)
         w, b = self.weight.float(), self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def _norm_fused(x: Tensor, norm: LayerNorm, dtype: torch.dtype) -> Tensor:
+    """LayerNorm kernel: FP32 statistics of x (..., D), output in ``dtype``."""
+    from speechrt.kernels.layer_norm import layer_norm
+
+    return layer_norm(x, norm.weight, norm.bias, norm.eps, y_dtype=dtype)
+
+
+def _add_norm_fused(branch: Tensor, residual: Tensor, norm: LayerNorm) -> tuple[Tensor, Tensor]:
+    """residual (..., D) FP32 += branch (..., D); returns (residual, LayerNorm(residual) in
+    branch's dtype) from one kernel (the residual is updated in place)."""
+    from speechrt.kernels.layer_norm import add_layer_norm
+
+    return add_layer_norm(branch, residual, norm.weight, norm.bias, norm.eps, h_out=residual)
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
@@ -63,6 +87,41 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, dim, bias=False)
         self.wv = nn.Linear(dim, dim)
         self.wo = nn.Linear(dim, dim)
+        self._packed: tuple[Tensor, Tensor] | None = None
+
+    def packed_qkv(self) -> tuple[Tensor, Tensor]:
+        """(3D, D) weight and (3D,) bias projecting q, k, v in one GEMM (k's bias is 0).
+
+        The first call re-points wq/wk/wv's parameters to views of the packed tensors (no copy
+        kept); it packs again if they were replaced since (e.g. by ``.to()``)."""
+        if self._packed is None or not self._packed_views_alive():
+            self._packed = self._pack()
+        return self._packed
+
+    def _packed_views_alive(self) -> bool:
+        w, b = self._packed
+        d, size = self.wq.weight.shape[0], w.element_size()
+        ptrs = (self.wq.weight, self.wk.weight, self.wv.weight, self.wq.bias, self.wv.bias)
+        want = (0, d * d, 2 * d * d, 0, 2 * d)
+        bases = (w, w, w, b, b)
+        return all(
+            p.dtype == base.dtype and p.data_ptr() == base.data_ptr() + off * size
+            for p, base, off in zip(ptrs, bases, want)
+        )
+
+    def _pack(self) -> tuple[Tensor, Tensor]:
+        d = self.wq.weight.shape[0]
+        with torch.inference_mode(False), torch.no_grad():
+            w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])  # (3D, D)
+            zeros = torch.zeros_like(self.wq.bias)
+            b = torch.cat([self.wq.bias, zeros, self.wv.bias])  # (3D,)
+            for i, lin in enumerate((self.wq, self.wk, self.wv)):
+                grad = lin.weight.requires_grad
+                lin.weight = nn.Parameter(w[i * d : (i + 1) * d], requires_grad=grad)
+            for i, lin in ((0, self.wq), (2, self.wv)):
+                grad = lin.bias.requires_grad
+                lin.bias = nn.Parameter(b[i * d : (i + 1) * d], requires_grad=grad)
+        return w, b
 
     def heads(self, x: Tensor) -> Tensor:
         """(B, T, D) -> (B, H, T, D/H) (a view)."""
@@ -85,11 +144,20 @@ class EncoderLayer(nn.Module):
         self.ffn = FeedForward(dim)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
-        h = self.attn_norm(x)
-        a = self.attn
-        out = F.scaled_dot_product_attention(a.heads(a.wq(h)), a.heads(a.wk(h)), a.heads(a.wv(h)))
-        x = x + a.merge(out)
+        x = x + self.attend(self.attn_norm(x))
         return x + self.ffn(self.ffn_norm(x))
+
+    def attend(self, h: Tensor) -> Tensor:
+        """Self-attention of normalised h (B, T, D) -> (B, T, D) (output projection included)."""
+        a = self.attn
+        return a.merge(
+            F.scaled_dot_product_attention(a.heads(a.wq(h)), a.heads(a.wk(h)), a.heads(a.wv(h)))
+        )
+
+    def forward_fused(self, x: Tensor, h: Tensor, next_norm: LayerNorm) -> tuple[Tensor, Tensor]:
+        """Kernel path: FP32 residual x (B, T, D) and h = attn_norm(x) -> (x', next_norm(x'))."""
+        x, h = _add_norm_fused(self.attend(h), x, self.ffn_norm)
+        return _add_norm_fused(self.ffn(h), x, next_norm)
 
 
 class AudioEncoder(nn.Module):
@@ -107,8 +175,9 @@ class AudioEncoder(nn.Module):
         )
         self.norm = LayerNorm(d)
 
-    def forward(self, mel: Tensor) -> Tensor:
-        """mel: (B, n_mels, 2 * n_audio_ctx) -> audio features (B, n_audio_ctx, n_audio_state)."""
+    def forward(self, mel: Tensor, fused: bool = False) -> Tensor:
+        """mel: (B, n_mels, 2 * n_audio_ctx) -> audio features (B, n_audio_ctx, n_audio_state);
+        ``fused``: the kernel path (FP32 residual, fused add + LayerNorm)."""
         if mel.ndim != 3 or mel.shape[-1] != 2 * self.n_ctx:
             raise AudioError(
                 f"encoder expects (B, n_mels, {2 * self.n_ctx}) mel, got {tuple(mel.shape)}"
@@ -117,9 +186,20 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv2(x))
         x = x.permute(0, 2, 1)  # (B, T, D)
         x = (x + self.pos_emb).to(x.dtype)
+        if fused:
+            return self._layers_fused(x)
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
+
+    def _layers_fused(self, x: Tensor) -> Tensor:
+        """Blocks and final LN with an FP32 residual stream; (B, T, D) -> (B, T, D) x.dtype."""
+        dtype, x = x.dtype, x.float().contiguous()  # (B, T, D) FP32 residual, updated in place
+        h = _norm_fused(x, self.layers[0].attn_norm, dtype)
+        norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, norms):
+            x, h = layer.forward_fused(x, h, next_norm)
+        return h
 
 
 class KVCache(nn.Module):
@@ -138,14 +218,19 @@ class _Pass:
     """How a decoder pass reads its context.
 
     kind: "full" (no cache; ``audio`` given), "prefill" (write [0, T)) or "step" (write at
-    ``positions`` and attend under ``mask`` (B, 1, 1, L)); ``cross_qk`` collects pre-softmax
-    cross-attention scores per layer in "full" passes when not None.
+    ``positions`` (B,); the torch path attends under ``mask`` (B, 1, 1, L), the kernel path to
+    ``lengths`` = positions + 1 entries); ``n_audio``: audios (cross-attention rows) the batch
+    is grouped into (default: those set); ``fused``: the kernel path; ``cross_qk`` collects
+    pre-softmax cross-attention scores per layer in "full" passes when not None.
     """
 
     kind: str
     audio: Tensor | None = None
     positions: Tensor | None = None
     mask: Tensor | None = None
+    lengths: Tensor | None = None
+    n_audio: int | None = None
+    fused: bool = False
     cross_qk: list[Tensor] | None = None
 
 
@@ -169,7 +254,17 @@ class DecoderLayer(nn.Module):
         x = x + self._cross_attend(self.cross_attn_norm(x), p)
         return x + self.ffn(self.ffn_norm(x))
 
+    def forward_fused(
+        self, x: Tensor, h: Tensor, p: _Pass, next_norm: LayerNorm
+    ) -> tuple[Tensor, Tensor]:
+        """Kernel path: FP32 residual x (B, T, D), h = self_attn_norm(x) -> (x', next_norm(x'))."""
+        x, h = _add_norm_fused(self._self_attend(h, p), x, self.cross_attn_norm)
+        x, h = _add_norm_fused(self._cross_attend(h, p), x, self.ffn_norm)
+        return _add_norm_fused(self.ffn(h), x, next_norm)
+
     def _self_attend(self, h: Tensor, p: _Pass) -> Tensor:
+        if p.fused and p.kind == "step":
+            return self._self_attend_step_kernel(h, p)
         a = self.self_attn
         q, k, v = a.heads(a.wq(h)), a.heads(a.wk(h)), a.heads(a.wv(h))  # (B, H, T, Dh)
         b, t = h.shape[0], h.shape[1]
@@ -188,12 +283,35 @@ class DecoderLayer(nn.Module):
         out = F.scaled_dot_product_attention(q, ck[:, :, :n], cv[:, :, :n], attn_mask=p.mask)
         return a.merge(out)
 
+    def _self_attend_step_kernel(self, h: Tensor, p: _Pass) -> Tensor:
+        """One token per row (B, 1, D): fused q/k/v GEMM, then decode attention that writes
+        k/v at ``positions`` and reads ``lengths`` cache entries."""
+        from speechrt.kernels.decode_attention import decode_attention
+
+        a = self.self_attn
+        b, _, d = h.shape
+        qkv = F.linear(h[:, 0], *a.packed_qkv())  # (B, 3D)
+        q, k, v = (x.view(b, a.n_head, -1) for x in qkv.split(d, dim=-1))  # (B, H, Dh) each
+        ck, cv = self.cache.k[:b], self.cache.v[:b]  # (B, H, L, Dh)
+        # one split: a row reads at most n_text_ctx (448) entries, usually far fewer, so
+        # splitting would mostly launch empty programs and a combine kernel
+        out = decode_attention(q, ck, cv, p.lengths, k_new=k, v_new=v, num_splits=1)
+        return a.wo(out.view(b, 1, d))  # out: (B, H, Dh)
+
     def _cross_attend(self, h: Tensor, p: _Pass) -> Tensor:
         a = self.cross_attn
+        n = p.n_audio or self.n_audio
+        if p.fused and p.kind == "step":
+            from speechrt.kernels.decode_attention import decode_attention
+
+            b, _, d = h.shape
+            q = a.wq(h[:, 0]).view(b, a.n_head, -1)  # (B, H, Dh)
+            ck, cv = self.cross_cache.k[:n], self.cross_cache.v[:n]  # (A, H, S, Dh)
+            return a.wo(decode_attention(q, ck, cv, None, group=b // n).view(b, 1, d))
         if p.kind == "full":
             k, v = a.heads(a.wk(p.audio)), a.heads(a.wv(p.audio))  # (A, H, S, Dh)
         else:
-            k, v = self.cross_cache.k[: self.n_audio], self.cross_cache.v[: self.n_audio]
+            k, v = self.cross_cache.k[:n], self.cross_cache.v[:n]
         b, t, d = h.shape
         n_audio = k.shape[0]
         q = a.heads(a.wq(h).reshape(n_audio, (b // n_audio) * t, d))  # (A, H, G*T, Dh)
@@ -211,11 +329,12 @@ class DecoderLayer(nn.Module):
         self.cross_cache.v[:n].copy_(a.heads(a.wv(audio)))
         self.n_audio = n
 
-    def reorder(self, source: Tensor) -> None:
-        """Self-attention cache rows <- rows ``source`` (B,) (beam search)."""
+    def reorder(self, source: Tensor, upto: int | None = None) -> None:
+        """Self-attention cache rows <- rows ``source`` (B,) (beam search), positions [0, upto)."""
         b = source.shape[0]
         for buf in (self.cache.k, self.cache.v):
-            buf[:b].copy_(buf[:b].index_select(0, source))
+            rows = buf[:b, :, :upto]  # (B, H, upto, Dh)
+            rows.copy_(rows.index_select(0, source))
 
 
 class TextDecoder(nn.Module):
@@ -235,10 +354,22 @@ class TextDecoder(nn.Module):
     def run(self, x: Tensor, p: _Pass) -> Tensor:
         """Embedded tokens (B, T, D) -> logits (B, T, V) in FP32."""
         x = x.to(self.tok_emb.weight.dtype)
-        for layer in self.layers:
-            x = layer(x, p)
-        x = self.norm(x)
+        if p.fused:
+            x = self._layers_fused(x, p)
+        else:
+            for layer in self.layers:
+                x = layer(x, p)
+            x = self.norm(x)
         return (x @ torch.transpose(self.tok_emb.weight.to(x.dtype), 0, 1)).float()
+
+    def _layers_fused(self, x: Tensor, p: _Pass) -> Tensor:
+        """Blocks and final LN with an FP32 residual stream; (B, T, D) -> (B, T, D) x.dtype."""
+        dtype, x = x.dtype, x.float().contiguous()  # (B, T, D) FP32 residual, updated in place
+        h = _norm_fused(x, self.layers[0].self_attn_norm, dtype)
+        norms = [layer.self_attn_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, norms):
+            x, h = layer.forward_fused(x, h, p, next_norm)
+        return h
 
     def embed(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """tokens (B, T) at positions [0, T), or (B, 1) at ``positions`` (B,) -> (B, T, D)."""
@@ -252,6 +383,11 @@ class WhisperNet(nn.Module):
 
     ``alignment_heads`` (n_text_layer, n_text_head) bool marks the cross-attention heads used
     for word timestamps (default: every head of the second half of the layers).
+
+    ``kernels``: None (default) takes the kernel path on CUDA when Triton is installed, True
+    forces it (CPU only under ``TRITON_INTERPRET=1``), False keeps the torch path everywhere.
+    ``cache_version`` changes whenever the caches are reallocated (captured graphs that read
+    them are then stale).
     """
 
     def __init__(self, dims: WhisperDims) -> None:
@@ -264,11 +400,25 @@ class WhisperNet(nn.Module):
         self.register_buffer("alignment_heads", heads, persistent=False)
         self.max_batch = 0
         self.max_audio = 0
+        self.cache_version = 0
+        self.kernels: bool | None = None
+
+    def uses_kernels(self, device: torch.device) -> bool:
+        """Whether passes on ``device`` take the kernel path (see the class docstring)."""
+        if self.kernels is None:
+            return device.type == "cuda" and triton_importable()
+        return self.kernels
+
+    @property
+    def cache_len(self) -> int:
+        """Positions held by the self-attention caches (0 before ``setup_caches``)."""
+        cache = self.decoder.layers[0].cache
+        return 0 if cache is None else cache.k.shape[2]
 
     # --- encoder ------------------------------------------------------------------------
     def embed_audio(self, mel: Tensor) -> Tensor:
         """(B, n_mels, 2 * n_audio_ctx) -> (B, n_audio_ctx, n_audio_state)."""
-        return self.encoder(mel)
+        return self.encoder(mel, fused=self.uses_kernels(mel.device))
 
     # --- cached decoding ----------------------------------------------------------------
     def setup_caches(
@@ -286,43 +436,71 @@ class WhisperNet(nn.Module):
                 max_audio, dims.n_text_head, dims.n_audio_ctx, head_dim, like
             )
         self.max_batch, self.max_audio = max_batch, max_audio
+        self.cache_version += 1
 
-    def ensure_caches(self, batch: int, n_audio: int) -> None:
-        """(Re)allocate caches if they hold fewer than ``batch`` rows or ``n_audio`` audios."""
-        if batch > self.max_batch or n_audio > self.max_audio:
-            self.setup_caches(max(batch, self.max_batch), None, max(n_audio, self.max_audio))
+    def ensure_caches(self, batch: int, n_audio: int, max_len: int | None = None) -> None:
+        """(Re)allocate caches if they hold fewer than ``batch`` rows, ``n_audio`` audios or
+        ``max_len`` positions (default n_text_ctx)."""
+        max_len = max_len or self.dims.n_text_ctx
+        if batch > self.max_batch or n_audio > self.max_audio or max_len > self.cache_len:
+            self.setup_caches(
+                max(batch, self.max_batch), max(max_len, self.cache_len),
+                max(n_audio, self.max_audio),
+            )  # fmt: skip
 
     def set_audio(self, audio_features: Tensor) -> None:
-        """Store cross-attention K/V of (A, n_audio_ctx, D) features; rows then group by audio."""
+        """Store cross-attention K/V of (A, n_audio_ctx, D) features; rows then group by audio.
+
+        On the kernel path this also packs the self-attention q/k/v projections (once), so that
+        no step (nor a CUDA-graph capture) allocates weights."""
+        fused = self.uses_kernels(audio_features.device)
         for layer in self.decoder.layers:
             layer.set_audio(audio_features.to(self.decoder.tok_emb.weight.dtype))
+            if fused:
+                layer.self_attn.packed_qkv()
 
     def prefill(self, tokens: Tensor) -> Tensor:
         """tokens (B, T) at positions [0, T) -> logits (B, T, V) FP32; fills the cache."""
-        return self.decoder.run(self.decoder.embed(tokens), _Pass("prefill"))
+        p = _Pass("prefill", fused=self.uses_kernels(tokens.device))
+        return self.decoder.run(self.decoder.embed(tokens), p)
 
-    def step(self, tokens: Tensor, positions: Tensor, kv_len: int | None = None) -> Tensor:
+    def step(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        kv_len: int | None = None,
+        n_audio: int | None = None,
+    ) -> Tensor:
         """tokens (B, 1) at positions (B,) -> logits (B, V) FP32; no host sync.
 
-        Attention reads the first ``kv_len`` cache entries (default: all), masked per row to
-        ``<= positions[b]``; ``kv_len`` must exceed every position. A static ``kv_len`` bucket
-        keeps the step graph-safe; ``max(positions) + 1`` reproduces an unpadded cache exactly.
+        The torch path reads the first ``kv_len`` cache entries (default: all), masked per row
+        to ``<= positions[b]``; ``kv_len`` must exceed every position. A static ``kv_len``
+        bucket keeps the step graph-safe; ``max(positions) + 1`` reproduces an unpadded cache
+        exactly. The kernel path reads exactly ``positions[b] + 1`` entries whatever ``kv_len``.
+        ``n_audio``: cross-attention rows the B rows are grouped into (default: the audios set;
+        more, for a batch padded with rows of audios beyond those set).
         """
-        kv_len = kv_len or self.decoder.layers[0].cache.k.shape[2]
-        keys = torch.arange(kv_len, device=tokens.device)
-        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, kv_len)
-        p = _Pass("step", positions=positions, mask=mask)
+        if self.uses_kernels(tokens.device):
+            p = _Pass("step", positions=positions, lengths=positions + 1, n_audio=n_audio,
+                      fused=True)  # fmt: skip
+        else:
+            kv_len = kv_len or self.cache_len
+            keys = torch.arange(kv_len, device=tokens.device)
+            mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, kv_len)
+            p = _Pass("step", positions=positions, mask=mask, n_audio=n_audio)
         return self.decoder.run(self.decoder.embed(tokens, positions), p)[:, 0]
 
-    def reorder_cache(self, source: Tensor) -> None:
-        """Self-attention caches: row b <- row source[b] (source: (B,) long)."""
+    def reorder_cache(self, source: Tensor, upto: int | None = None) -> None:
+        """Self-attention caches: row b <- row source[b] (source: (B,) long), for the cache
+        positions [0, upto) (default: all)."""
         for layer in self.decoder.layers:
-            layer.reorder(source)
+            layer.reorder(source, upto)
 
     # --- uncached -----------------------------------------------------------------------
     def logits(self, tokens: Tensor, audio_features: Tensor) -> Tensor:
         """Teacher-forced logits (B, T, V) of tokens (B, T) on features (A, S, D), B % A == 0."""
-        p = _Pass("full", audio=audio_features.to(self.decoder.tok_emb.weight.dtype))
+        audio = audio_features.to(self.decoder.tok_emb.weight.dtype)
+        p = _Pass("full", audio=audio, fused=self.uses_kernels(tokens.device))
         return self.decoder.run(self.decoder.embed(tokens), p)
 
     def cross_attention_scores(
@@ -330,9 +508,8 @@ class WhisperNet(nn.Module):
     ) -> tuple[Tensor, list[Tensor]]:
         """Logits (B, T, V) and per-layer pre-softmax cross-attention scores (A, H, B/A*T, S)."""
         scores: list[Tensor] = []
-        p = _Pass(
-            "full", audio=audio_features.to(self.decoder.tok_emb.weight.dtype), cross_qk=scores
-        )
+        audio = audio_features.to(self.decoder.tok_emb.weight.dtype)
+        p = _Pass("full", audio=audio, fused=self.uses_kernels(tokens.device), cross_qk=scores)
         return self.decoder.run(self.decoder.embed(tokens), p), scores
 
     def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:

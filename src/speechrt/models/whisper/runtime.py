@@ -16,6 +16,7 @@ from speechrt.decoding.whisper import (
     WindowResult,
     detect_language,
 )
+from speechrt.engine.decode_graphs import DecodeEngine
 from speechrt.errors import UnsupportedOptionError
 from speechrt.models.whisper.config import WhisperDims
 from speechrt.models.whisper.convert import WhisperCheckpoint, read_checkpoint
@@ -35,16 +36,28 @@ def _pick_device(device: torch.device | str | None) -> torch.device:
 class WhisperModel:
     """A Whisper network ready to decode.
 
-    ``dtype`` defaults to FP32 on CPU and FP16 on CUDA (LayerNorm always runs in FP32).
+    ``dtype`` defaults to FP32 on CPU and FP16 on CUDA (LayerNorm always runs in FP32). On CUDA
+    window decoding replays the decode step from CUDA graphs (``engine``, a
+    :class:`~speechrt.engine.decode_graphs.DecodeEngine`) and the network takes its Triton
+    kernel path; :meth:`configure` switches either off (e.g. for comparisons).
     """
 
-    def __init__(self, net: WhisperNet, source: str = "") -> None:
+    def __init__(self, net: WhisperNet, source: str = "", cuda_graphs: bool = True) -> None:
         self.net = net.eval()
         self.dims: WhisperDims = net.dims
         self.source = source
         self.tokenizer: WhisperTokenizer = get_tokenizer(
             self.dims.is_multilingual, self.dims.num_languages
         )
+        self.engine = DecodeEngine(net, cuda_graphs=cuda_graphs)
+
+    def configure(self, cuda_graphs: bool | None = None, kernels: bool | None = None) -> None:
+        """Switch CUDA-graph decode steps and the Triton kernel path on/off (None: unchanged;
+        ``kernels`` as ``WhisperNet.kernels``: True forces them, e.g. under the interpreter)."""
+        if cuda_graphs is not None:
+            self.engine.cuda_graphs = cuda_graphs
+        if kernels is not None:
+            self.net.kernels = kernels
 
     @classmethod
     def from_checkpoint(
@@ -109,18 +122,18 @@ class WhisperModel:
         features: Tensor,
         options: WhisperDecodeOptions,
         prompts: list[list[int]] | None = None,
+        forced_lengths: Tensor | None = None,
     ) -> list[WindowResult]:
         """Decode windows from encoder features (A, n_audio_ctx, n_audio_state).
 
-        ``prompts``: one prompt per window (token ids, all as long as ``options.prompt``).
+        ``prompts``: one prompt per window (token ids, all as long as ``options.prompt``);
+        ``forced_lengths`` (A,) (benchmarks): exact sampled token counts per window.
         """
         decoder = WindowDecoder(
             self.tokenizer, options, self.dims.n_text_ctx, self.dims.n_audio_ctx
         )
-        n_audio = features.shape[0]
-        self.net.ensure_caches(n_audio * decoder.group, n_audio)
-        self.net.set_audio(features)
-        return decoder.run(self.net, n_audio, self.device, prompts)
+        session = self.engine.session(features, decoder.group)
+        return decoder.run(session, features.shape[0], self.device, prompts, forced_lengths)
 
     @torch.inference_mode()
     def detect_language_features(

@@ -1,0 +1,355 @@
+"""Decode attention: one query token per (row, head) against a static key/value cache.
+
+Flash-decoding: the keys of one (cache row, head) are cut into ``num_splits`` contiguous chunks,
+each program runs an online softmax (float32, base 2) over its chunk and writes its normalised
+partial output with its log-sum-exp; a second kernel combines the partials with float32
+log-sum-exp weights. With one split the first kernel writes the output directly.
+
+Reading is bounded by a per-row length tensor on the device (``lengths[b]`` keys), so the launch
+shape depends only on the cache's static size: the step stays host-sync free and CUDA-graph safe.
+Two generic options serve decoders:
+
+* ``group``: query row ``b`` reads cache row ``b // group`` (rows that share one cross-attention
+  memory, e.g. beams of one audio); the ``group`` queries of a cache row are one tile, so the
+  cache is read once per group;
+* ``k_new`` / ``v_new`` (append): the new key/value of row ``b`` is written into the cache at
+  position ``lengths[b] - 1`` by the program that owns that position, which uses it from
+  registers (no separate scatter kernel, no read-after-write hazard).
+
+``decode_attention_ref`` is the plain-torch reference that tests and benchmarks import.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels._utils import (
+    FLOAT_DTYPES,
+    MISSING_TL,
+    MISSING_TRITON,
+    cdiv,
+    check_launch,
+    next_power_of_2,
+    out_or_empty,
+)
+
+try:  # Triton is optional: the reference works without it, the launcher needs it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton, tl = MISSING_TRITON, MISSING_TL
+
+__all__ = ["decode_attention", "decode_attention_ref", "default_num_splits"]
+
+MIN_TILES_PER_SPLIT = 4  # a split reads at least this many key tiles (else the combine dominates)
+
+
+# fmt: off
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b with float32 accumulation; UPCAST (interpreter, bfloat16) multiplies in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _decode_attention_kernel(
+    Q, K, V, KN, VN, LENS, O, LSE,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_knb, stride_knh, stride_vnb, stride_vnh,
+    stride_ob, stride_oh, stride_os,
+    B, H, L, D, chunk, qk_scale, n_splits,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_LENS: tl.constexpr,
+    APPEND: tl.constexpr,
+    SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # fmt: on
+    """Program (cache row * H + head, split): the GROUP query rows of one cache row over the
+    keys [split * chunk, min((split + 1) * chunk, max length of the group))."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    kv_row = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    rows = kv_row * GROUP + g  # (BLOCK_G,) query rows
+    row_ok = (g < GROUP) & (rows < B)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    if HAS_LENS:
+        lens = tl.load(LENS + rows, mask=row_ok, other=0).to(tl.int32)
+        lens = tl.minimum(tl.maximum(lens, 0), L)
+    else:
+        lens = tl.where(row_ok, L, 0)
+    n_max = tl.max(lens, axis=0)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_max)
+
+    q = tl.load(Q + rows[:, None] * stride_qb + h * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+    k_base = K + kv_row * stride_kb + h * stride_kh
+    v_base = V + kv_row * stride_vb + h * stride_vh
+    if APPEND:  # GROUP == 1: cache row == query row; its new entry goes to position n_max - 1
+        pos = n_max - 1
+        kn = tl.load(KN + kv_row * stride_knb + h * stride_knh + d, mask=d_ok, other=0.0)
+        vn = tl.load(VN + kv_row * stride_vnb + h * stride_vnh + d, mask=d_ok, other=0.0)
+        pos_d = tl.full([BLOCK_D], 0, dtype=tl.int32) + pos  # vector: the interpreter's masks
+        mine = d_ok & (pos_d >= lo) & (pos_d < hi)
+        tl.store(k_base + pos * stride_kl + d, kn, mask=mine)
+        tl.store(v_base + pos * stride_vl + d, vn, mask=mine)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    zero_s = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        kv_mask = (n < hi)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=kv_mask, other=0.0)
+        if APPEND:
+            k = tl.where((n == pos)[:, None], kn[None, :], k)
+            v = tl.where((n == pos)[:, None], vn[None, :], v)
+        s = _dot(q, tl.trans(k), zero_s, UPCAST, PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+        s = tl.where(n[None, :] < lens[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # no visible key: output 0
+    out = acc / l_safe[:, None]
+    o_ptrs = O + rows[:, None] * stride_ob + h * stride_oh + split * stride_os + d[None, :]
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))  # base 2
+        tl.store(LSE + (rows * H + h) * n_splits + split, lse, mask=row_ok)
+        tl.store(o_ptrs, out, mask=o_mask)
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _combine_kernel(
+    LSE, PO, O,
+    stride_ob, stride_oh,
+    H, D, n_splits,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (row * H + head): out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max)."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // H
+    h = pid % H
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < n_splits
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    lse = tl.load(LSE + pid * n_splits + s, mask=s_ok, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp2(lse - top)  # (BLOCK_S,), 0 for empty splits
+    po = tl.load(PO + (pid * n_splits + s)[:, None] * D + d[None, :],
+                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_D)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * po, axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    return type(_decode_attention_kernel).__name__ == "InterpretedFunction"
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(programs: int, length: int, block_n: int, device: torch.device) -> int:
+    """Splits per (cache row, head): about two programs per SM in all, each split at least
+    ``MIN_TILES_PER_SPLIT`` key tiles. ``programs``: cache rows x heads; ``length``: cache size."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+    tiles = cdiv(max(length, 1), block_n)
+    return max(1, min(cdiv(2 * sms, max(programs, 1)), cdiv(tiles, MIN_TILES_PER_SPLIT)))
+
+
+def _check(q, k_cache, v_cache, lengths, k_new, v_new, group) -> None:
+    tensors = [t for t in (q, k_cache, v_cache, lengths, k_new, v_new) if t is not None]
+    check_launch(_decode_attention_kernel, *tensors)
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"q must be (B, H, D) and k_cache/v_cache (Bk, H, L, D) alike; got {tuple(q.shape)}, "
+            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    b, h, d = q.shape
+    if k_cache.shape[1] != h or k_cache.shape[3] != d:
+        raise ValueError(f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
+    if q.dtype not in FLOAT_DTYPES or {k_cache.dtype, v_cache.dtype} != {q.dtype}:
+        raise UnsupportedOptionError(
+            f"decode attention takes one of float32/float16/bfloat16 for q, k, v; got "
+            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    if group < 1 or cdiv(b, group) > k_cache.shape[0]:
+        raise ValueError(f"{b} rows in groups of {group} need more than {k_cache.shape[0]} rows")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride on its last dim")
+    if lengths is not None and (lengths.shape != (b,) or lengths.dtype.is_floating_point):
+        raise ValueError(f"lengths must be an integer ({b},) tensor, got {tuple(lengths.shape)}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new go together")
+    if k_new is not None:
+        if group != 1 or lengths is None:
+            raise ValueError("k_new/v_new need group == 1 and lengths")
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if t.shape != q.shape or t.dtype != q.dtype or t.stride(-1) != 1:
+                raise ValueError(f"{name} must be a {tuple(q.shape)} {q.dtype} tensor like q")
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    group: int = 1,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one query per (row, head) over a key/value cache, reading ``lengths`` keys.
+
+    Args:
+        q: (B, H, D) queries; any strides on B and H (e.g. a slice of a fused QKV output).
+        k_cache, v_cache: (Bk, H, L, D) caches, same dtype as q; query row b reads cache row
+            ``b // group``; any strides but a unit last one.
+        lengths: (B,) int on the device: row b attends to keys [0, lengths[b]) (clamped to
+            [0, L]); None: all L keys. A row with no key outputs 0.
+        k_new, v_new: optional (B, H, D): written into the caches at position lengths[b] - 1
+            before attending (needs ``group == 1`` and lengths >= 1).
+        group: query rows per cache row.
+        scale: score scale, default 1/sqrt(D).
+        num_splits: key chunks per (cache row, head) (default :func:`default_num_splits`,
+            which depends only on static shapes).
+        block_n: key tile (default 64, 32 for D > 128; 256 under the interpreter).
+        out: optional contiguous (B, H, D) output of q's dtype.
+    Returns:
+        (B, H, D) in q's dtype (``out`` if given).
+    """
+    _check(q, k_cache, v_cache, lengths, k_new, v_new, group)
+    b, h, d = q.shape
+    length = k_cache.shape[2]
+    out = out_or_empty(out, (b, h, d), q.dtype, q.device)
+    if out.numel() == 0:
+        return out
+    block_d = max(16, next_power_of_2(d))
+    if block_n is None:  # the interpreter runs a tile as one numpy op: big tiles are cheap
+        block_n = 256 if _interpreted() else 64 if block_d <= 128 else 32
+    programs = cdiv(b, group) * h
+    splits = num_splits or default_num_splits(programs, length, block_n, q.device)
+    chunk = cdiv(cdiv(max(length, 1), splits), block_n) * block_n
+    splits = cdiv(max(length, 1), chunk)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if splits > 1:
+        lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
+        partial = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
+        target, o_strides = partial, partial.stride()[:3]
+    else:
+        lse, target, o_strides = out, out, (*out.stride()[:2], 0)
+    k_new = k_new if k_new is not None else q
+    v_new = v_new if v_new is not None else q
+    # fmt: off
+    _decode_attention_kernel[(programs, splits)](
+        q, k_cache, v_cache, k_new, v_new, lengths if lengths is not None else q, target, lse,
+        q.stride(0), q.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3],
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        *o_strides,
+        b, h, length, d, chunk, scale * math.log2(math.e), splits,
+        GROUP=group,
+        BLOCK_G=max(16, next_power_of_2(group)),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        HAS_LENS=lengths is not None,
+        APPEND=k_new is not q,
+        SPLIT=splits > 1,
+        UPCAST=_interpreted() and q.dtype == torch.bfloat16,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=2,
+    )
+    if splits > 1:
+        _combine_kernel[(b * h,)](
+            lse, partial, out,
+            out.stride(0), out.stride(1),
+            h, d, splits,
+            BLOCK_S=next_power_of_2(splits),
+            BLOCK_D=block_d,
+            num_warps=2,
+        )
+    # fmt: on
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Plain-torch reference
+# --------------------------------------------------------------------------------------------
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    group: int = 1,
+    scale: float | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Reference for :func:`decode_attention` (same arguments, same in-place cache writes):
+    a masked softmax over the gathered cache rows, in float32 when ``upcast``. (B, H, D)."""
+    b, h, d = q.shape
+    length = k_cache.shape[2]
+    rows = torch.arange(b, device=q.device)
+    lens = torch.full((b,), length, device=q.device) if lengths is None else lengths.long()
+    lens = lens.clamp(0, length)
+    if k_new is not None:
+        pos = lens - 1  # (B,)
+        k_cache[rows, :, pos] = k_new
+        v_cache[rows, :, pos] = v_new
+    k = k_cache[rows // group]  # (B, H, L, D)
+    v = v_cache[rows // group]  # (B, H, L, D)
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = torch.einsum("bhd,bhld->bhl", q, k) * scale  # (B, H, L)
+    visible = torch.arange(length, device=q.device)[None, :] < lens[:, None]  # (B, L)
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows without keys -> 0
+    return torch.einsum("bhl,bhld->bhd", probs, v).to(dtype)

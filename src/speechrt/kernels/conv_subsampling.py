@@ -295,9 +295,11 @@ def _default_config(m: int, c: int, dtype: torch.dtype, device: torch.device) ->
     if dtype == torch.float32:
         return CONFIGS_FP32[0]
     n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    # H200 sweep (BENCHMARKS.md, C=256 fp16): 128x256 k64 fastest from 16x256 frames up (2.6-2.7x
+    # cuDNN), 64x128 k64 fastest when 128-row tiles would leave SMs idle (1x1024: 1.56x).
     if cdiv(m, 128) >= n_sm:
-        return ConvFrontConfig(128, block_n, 32, 8, 3)
-    return ConvFrontConfig(64, block_n, 32, 4, 3)
+        return ConvFrontConfig(128, block_n, 64, 8, 3)
+    return ConvFrontConfig(64, min(block_n, 128), 64, 4, 3)
 
 
 def _check_cmvn(mean: torch.Tensor | None, istd: torch.Tensor | None, f: int) -> None:

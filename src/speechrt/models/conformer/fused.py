@@ -128,7 +128,8 @@ class FusedEncoder:
 
     ``triton_ffn``: run each FFN's first GEMM with its activation in the epilogue
     (:func:`~speechrt.kernels.linear_act.linear_act`) instead of cuBLAS ``F.linear`` plus a
-    separate activation kernel. Off by default until H200 numbers favour it; also an attribute.
+    separate activation kernel. None (default): on for CUDA weights with Triton installed (1.0-1.4x
+    the cuBLAS GEMM + SiLU kernel at every measured size, BENCHMARKS.md); also an attribute.
     """
 
     def __init__(
@@ -137,7 +138,7 @@ class FusedEncoder:
         precision: Precision,
         pad_mode: str = "zero",
         triton_front: bool | None = None,
-        triton_ffn: bool = False,
+        triton_ffn: bool | None = None,
     ):
         reason = encoder_unsupported(enc.cfg)
         if reason:
@@ -148,6 +149,8 @@ class FusedEncoder:
         self.pad_mode = pad_mode
         self.act = _ACT[self.cfg.activation_type]
         self.act_name = "swish" if self.cfg.activation_type == "silu" else self.cfg.activation_type
+        if triton_ffn is None:  # measured faster than cuBLAS + a SiLU kernel on the H200
+            triton_ffn = enc.final_norm.weight.is_cuda and triton_importable()
         self.triton_ffn = triton_ffn
         self.sub_dtype = self.dtype
         self._front = self._prepare_front(enc.subsampling) if enc.subsampling.convs else None

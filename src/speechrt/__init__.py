@@ -3,7 +3,7 @@
 Public surface::
 
     import speechrt
-    model = speechrt.load_model("path/to/wenet_model_dir")
+    model = speechrt.load_model("path/to/wenet_model_dir")  # or () for the bundled default
     print(model.transcribe("audio.wav").text)
 """
 
@@ -32,8 +32,11 @@ __all__ = [
 ]
 
 
-def load_model(path, device=None, dtype=None):
-    """Load a model from ``path``; the format is detected from its contents."""
+def load_model(path=None, device=None, dtype=None):
+    """Load a model from ``path``; the format is detected from its contents.
+
+    ``path`` None (or ``"synthetic_en"``) loads the small English model shipped with speechrt
+    (trained on synthetic espeak-ng speech by ``recipes/synthetic_en``; see its MODEL.md)."""
     from speechrt.models.registry import load_model as _load
 
     return _load(path, device=device, dtype=dtype)

@@ -11,7 +11,11 @@ from speechrt.errors import AudioError, SpeechrtError
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory or checkpoint")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory or checkpoint (default: the bundled English model synthetic_en)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
 

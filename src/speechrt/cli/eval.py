@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs = {} if args.beam_size is None else {"beam_size": args.beam_size}
         keys, texts, failed = _whisper_texts(model, items, kwargs)
     rep = report(keys, [refs[k] for k in keys], texts, unit=args.unit)
-    rep["model"] = str(args.model)
+    rep["model"] = str(args.model or "synthetic_en (bundled)")
     rep["decode"] = kwargs
     rep["failed_files"] = failed
     t = rep["totals"]

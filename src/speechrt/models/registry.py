@@ -6,6 +6,30 @@ from pathlib import Path
 
 from speechrt.errors import ModelFormatError
 
+# Models shipped inside the package (speechrt/assets/models/<name>), usable by name.
+DEFAULT_MODEL = "synthetic_en"
+BUNDLED_MODELS = ("synthetic_en",)
+
+
+def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The directory of a model shipped with speechrt (``DEFAULT_MODEL``: the small English
+    Conformer of ``recipes/synthetic_en``, trained on synthetic speech)."""
+    if name not in BUNDLED_MODELS:
+        raise ModelFormatError(
+            f"no bundled model named '{name}' (bundled: {', '.join(BUNDLED_MODELS)})"
+        )
+    return Path(__file__).resolve().parents[1] / "assets" / "models" / name
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """None -> the bundled default model; a bundled model's name (when no such path exists) ->
+    its directory; anything else unchanged."""
+    if path is None:
+        return bundled_model_dir()
+    if str(path) in BUNDLED_MODELS and not Path(path).exists():
+        return bundled_model_dir(str(path))
+    return Path(path)
+
 
 def detect_format(path: str | Path) -> str:
     """Return 'wenet', 'whisper' or 'conformer_moe' for a path, or raise ModelFormatError."""
@@ -51,9 +75,10 @@ def check_device(device) -> None:
         raise UnsupportedOptionError(f"device '{device}' is not supported (cpu, cuda, cuda:N)")
 
 
-def load_model(path, device=None, dtype=None):
-    """``speechrt.load_model``: detect the format and load."""
+def load_model(path=None, device=None, dtype=None):
+    """``speechrt.load_model``: detect the format and load (None: the bundled default model)."""
     check_device(device)
+    path = resolve_model_path(path)
     fmt = detect_format(path)
     if fmt == "wenet":
         from speechrt.models.conformer import load_wenet

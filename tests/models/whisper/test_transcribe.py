@@ -117,6 +117,11 @@ def test_cuda_matches_openai_whisper_on_cuda(pt_path, reference, long_audio, opt
 
     ref = copy.deepcopy(reference).cuda()
     model = load_whisper(pt_path, device="cuda", dtype=torch.float32)
+    # Token-for-token parity needs openai-whisper's own summation order: the torch path (with the
+    # CUDA-graph decode steps). The Triton kernel path (fused LayerNorm/residual, decode attention)
+    # reorders float32 sums; random weights then flip near-tie tokens late in long-form decoding
+    # (seen on the H200), so it is held to the torch path by tests/models/whisper/test_engine.py.
+    model.configure(cuda_graphs=True, kernels=False)
     expected = whisper.transcribe(ref, long_audio.numpy(), fp16=False, temperature=0.0, **options)
     ours = model.transcribe(long_audio.numpy(), temperature=0.0, **options)
     _compare(expected, ours)

@@ -115,3 +115,13 @@ class _MissingTritonLanguage:
 
 MISSING_TRITON = _MissingTriton()
 MISSING_TL = _MissingTritonLanguage()
+
+
+@functools.cache
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached per device; queried on first use)."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())

@@ -33,7 +33,6 @@ rounding. Float32 uses IEEE float32 dots (no TF32). Weights are packed once by
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,7 @@ from speechrt.kernels._utils import (
     interpreting,
     next_power_of_2,
     out_or_empty,
+    sm_count,
 )
 
 try:  # Triton is optional: the reference works without it, the launcher needs it.
@@ -280,11 +280,6 @@ def output_size(n: int) -> int:
     return (n1 - 3) // 2 + 1 if n1 >= 3 else 0
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _default_config(m: int, c: int, dtype: torch.dtype, device: torch.device) -> ConvFrontConfig:
     """Tiles by problem size: all C channels in one tile when C <= 256 (the A operand is then
     computed once per row tile); 64-row tiles when 128-row tiles would leave SMs idle."""
@@ -294,7 +289,7 @@ def _default_config(m: int, c: int, dtype: torch.dtype, device: torch.device) ->
         return ConvFrontConfig(block_m, block_n, max(16, min(64, next_power_of_2(c))), 4, 1)
     if dtype == torch.float32:
         return CONFIGS_FP32[0]
-    n_sm = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    n_sm = sm_count(device)
     # H200 sweep (BENCHMARKS.md, C=256 fp16): 128x256 k64 fastest from 16x256 frames up (2.6-2.7x
     # cuDNN), 64x128 k64 fastest when 128-row tiles would leave SMs idle (1x1024: 1.56x).
     if cdiv(m, 128) >= n_sm:

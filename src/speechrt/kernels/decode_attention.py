@@ -21,7 +21,6 @@ Two generic options serve decoders:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -35,6 +34,7 @@ from speechrt.kernels._utils import (
     check_launch,
     next_power_of_2,
     out_or_empty,
+    sm_count,
 )
 
 try:  # Triton is optional: the reference works without it, the launcher needs it.
@@ -180,15 +180,10 @@ def _interpreted() -> bool:
     return type(_decode_attention_kernel).__name__ == "InterpretedFunction"
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(programs: int, length: int, block_n: int, device: torch.device) -> int:
     """Splits per (cache row, head): about two programs per SM in all, each split at least
     ``MIN_TILES_PER_SPLIT`` key tiles. ``programs``: cache rows x heads; ``length``: cache size."""
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+    sms = sm_count(device) if device.type == "cuda" else 4
     tiles = cdiv(max(length, 1), block_n)
     return max(1, min(cdiv(2 * sms, max(programs, 1)), cdiv(tiles, MIN_TILES_PER_SPLIT)))
 

@@ -13,13 +13,13 @@ reference (``act(F.linear(x, W, b))``) that tests and benchmarks import.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels._activations import ACTIVATIONS, activate
 from speechrt.kernels._utils import (
     MISSING_TL,
     MISSING_TRITON,
@@ -41,7 +41,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 __all__ = ["ACTIVATIONS", "CONFIGS", "LinearConfig", "linear_act", "linear_act_ref"]
 
 # Activation codes of the epilogue (a constexpr).
-ACTIVATIONS = {"identity": 0, "swish": 1, "silu": 1, "relu": 2, "gelu": 3}
 
 
 @dataclass(frozen=True)
@@ -77,18 +76,6 @@ CONFIGS_FP32: tuple[LinearConfig, ...] = (
     LinearConfig(64, 64, 32, 8, 4, 2),
     LinearConfig(64, 128, 32, 8, 8, 2),
 )
-
-
-@triton.jit
-def _activate(h, ACT: tl.constexpr):
-    """Elementwise activation of a float32 tile (ACT: see :data:`ACTIVATIONS`)."""
-    if ACT == 1:
-        h = h * tl.sigmoid(h)
-    elif ACT == 2:
-        h = tl.maximum(h, 0.0)
-    elif ACT == 3:
-        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-    return h
 
 
 @triton.jit
@@ -138,14 +125,9 @@ def _linear_act_kernel(
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)  # w: (BLOCK_K, BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    acc = _activate(acc, ACT)
+    acc = activate(acc, ACT)
     y = Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
     tl.store(y, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _default_config(

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels._activations import ACTIVATIONS, activate
 from speechrt.kernels._utils import (
     MISSING_TL,
     MISSING_TRITON,
@@ -68,7 +69,6 @@ __all__ = [
 ]
 
 # Activations the expert kernel fuses (code passed as a constexpr).
-ACTIVATIONS = {"identity": 0, "swish": 1, "silu": 1, "relu": 2, "gelu": 3}
 MAX_EXPERTS = 256
 MAX_TOP_K = 8
 
@@ -222,17 +222,6 @@ def _expert_tile(OFFS, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _activate(h, ACT: tl.constexpr):
-    if ACT == 1:
-        h = h * tl.sigmoid(h)
-    elif ACT == 2:
-        h = tl.maximum(h, 0.0)
-    elif ACT == 3:
-        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-    return h
-
-
-@triton.jit
 def _expert_tile_dot(
     a_rows, row_ok, w_base, ns, n_ok, K, stride_wn,
     UPCAST: tl.constexpr,
@@ -284,7 +273,7 @@ def _expert_up_kernel(
         if HAS_BIAS:
             acc += tl.load(B1 + e.to(tl.int64) * stride_be + ns, mask=n_ok,
                            other=0.0).to(tl.float32)[None, :]
-        acc = _activate(acc, ACT)
+        acc = activate(acc, ACT)
         tl.store(H + rows.to(tl.int64)[:, None] * stride_h + ns[None, :],
                  acc.to(H.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 

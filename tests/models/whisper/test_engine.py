@@ -165,3 +165,25 @@ def test_cuda_kernel_path_close_to_torch_path(pt_path, long_audio):
             ]
             outs.append(torch.stack(steps))
     torch.testing.assert_close(outs[1], outs[0], atol=0.05, rtol=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", [True, False])
+def test_cuda_encoder_graphs_equal_eager(pt_path, long_audio, jfk, kernels):
+    """The encoder replayed from its batch-bucket graph (3 windows -> bucket 4, padded with
+    silence) gives exactly the eager encoder's features, window by window."""
+    model = load_whisper(pt_path, device="cuda", dtype=torch.float16)
+    model.configure(kernels=kernels)
+    mel = model.log_mel(long_audio.numpy(), padding=N_SAMPLES)
+    windows = torch.stack([mel[:, :N_FRAMES], mel[:, 500 : 500 + N_FRAMES],
+                           model.log_mel(jfk.numpy(), padding=N_SAMPLES)[:, :N_FRAMES]])
+    model.configure(cuda_graphs=False)
+    eager = model.embed_audio(windows)
+    model.configure(cuda_graphs=True)
+    for _ in range(2):  # capture, then replay
+        graphed = model.embed_audio(windows)
+        assert torch.equal(graphed, eager)
+    one = model.embed_audio(windows[1:2])
+    torch.testing.assert_close(one, eager[1:2], rtol=0, atol=0)
+    stats = model.encoder_graphs.stats
+    assert stats.capture_failure is None and stats.captures == 2 and stats.replays == 3

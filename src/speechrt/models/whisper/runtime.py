@@ -17,6 +17,7 @@ from speechrt.decoding.whisper import (
     detect_language,
 )
 from speechrt.engine.decode_graphs import DecodeEngine
+from speechrt.engine.graphs import GraphRunner
 from speechrt.errors import UnsupportedOptionError
 from speechrt.models.whisper.config import WhisperDims
 from speechrt.models.whisper.convert import WhisperCheckpoint, read_checkpoint
@@ -39,7 +40,9 @@ class WhisperModel:
     ``dtype`` defaults to FP32 on CPU and FP16 on CUDA (LayerNorm always runs in FP32). On CUDA
     window decoding replays the decode step from CUDA graphs (``engine``, a
     :class:`~speechrt.engine.decode_graphs.DecodeEngine`) and the network takes its Triton
-    kernel path; :meth:`configure` switches either off (e.g. for comparisons).
+    kernel path; :meth:`configure` switches either off (e.g. for comparisons). The encoder is
+    replayed from a CUDA graph per batch bucket too (batches padded with silent windows; at batch
+    1 the eager encoder is bound by the host launching its kernels).
     """
 
     def __init__(self, net: WhisperNet, source: str = "", cuda_graphs: bool = True) -> None:
@@ -50,12 +53,14 @@ class WhisperModel:
             self.dims.is_multilingual, self.dims.num_languages
         )
         self.engine = DecodeEngine(net, cuda_graphs=cuda_graphs)
+        self.encoder_graphs = GraphRunner(self.net.embed_audio, enabled=cuda_graphs)
 
     def configure(self, cuda_graphs: bool | None = None, kernels: bool | None = None) -> None:
         """Switch CUDA-graph decode steps and the Triton kernel path on/off (None: unchanged;
         ``kernels`` as ``WhisperNet.kernels``: True forces them, e.g. under the interpreter)."""
         if cuda_graphs is not None:
             self.engine.cuda_graphs = cuda_graphs
+            self.encoder_graphs.enabled = cuda_graphs
         if kernels is not None:
             self.net.kernels = kernels
 
@@ -102,8 +107,22 @@ class WhisperModel:
     # --- windows ------------------------------------------------------------------------
     @torch.inference_mode()
     def embed_audio(self, mel: Tensor) -> Tensor:
-        """(B, n_mels, 3000) log-mel -> audio features (B, n_audio_ctx, n_audio_state)."""
-        return self.net.embed_audio(mel.to(self.device, self.dtype))
+        """(B, n_mels, 3000) log-mel -> audio features (B, n_audio_ctx, n_audio_state).
+
+        On CUDA with graphs on, the batch is padded to a bucket of the decode engine's batch sizes
+        and the encoder replayed from that bucket's graph (rows are independent: padding changes
+        no valid output); otherwise it runs eagerly."""
+        mel = mel.to(self.device, self.dtype)
+        n = mel.shape[0] if mel.ndim == 3 else 0
+        window = (self.dims.n_mels, 2 * self.dims.n_audio_ctx)  # (M, T) of one 30 s window
+        shape_ok = mel.ndim == 3 and tuple(mel.shape[1:]) == window
+        if not (shape_ok and n and self.encoder_graphs.enabled and mel.is_cuda):
+            return self.net.embed_audio(mel)  # also the path that names a wrong shape
+        bucket = self.engine.buckets.batch(n)
+        if bucket > n:
+            mel = torch.cat([mel, mel.new_zeros(bucket - n, *mel.shape[1:])])  # (bucket, M, T)
+        key = (bucket, self.dtype, self.net.uses_kernels(mel.device))
+        return self.encoder_graphs(key, mel)[:n].clone()
 
     @torch.inference_mode()
     def decode(

@@ -1,10 +1,12 @@
-"""Micro-benchmark: the Conv2d subsampling front and the FFN's first GEMM + activation.
+"""Micro-benchmark: the Conv2d subsampling front, the FFN's first GEMM + activation, and the
+sublayers' last GEMM + residual add + LayerNorm.
 
 Run on a CUDA machine from the repository root (about 1-2 minutes on an H200, most of it Triton
 compiling each config)::
 
     PYTHONPATH=src python bench/conv_front_micro.py [--dtype float16 bfloat16]
-        [--shapes 1x1024 16x256 16x1024 64x256 64x1024] [--csv conv_front.csv]
+        [--shapes 1x1024 16x256 16x1024 64x256 64x1024] [--part front ffn addln]
+        [--rows 256 4096 16384 65536] [--csv conv_front.csv]
 
 Part "front" (B x T fbank frames, F=80 bins, C=256 channels): CMVN + conv1 + ReLU + conv2 + ReLU
 to the (B, T2, F2*C) flattened-NHWC output that the projection reads, by
@@ -17,6 +19,12 @@ to the (B, T2, F2*C) flattened-NHWC output that the projection reads, by
 
 Part "ffn" (rows = B*T/4, D=256, H=2048): ``F.linear`` then ``F.silu`` (what the encoder runs)
 against :func:`speechrt.kernels.linear_act.linear_act` at each config and the default.
+
+Part "addln" (``--rows`` rows, D=256, K=2048 (an FFN's w2) and K=256 (attention out, conv pw2)):
+``F.linear`` without bias then :func:`~speechrt.kernels.layer_norm.add_layer_norm` (bias, scale
+0.5, float32 residual updated in place; what the encoder runs) against
+:func:`speechrt.kernels.linear_add_layer_norm.linear_add_layer_norm` at each config and the
+default. ``max_err`` is on y (the LayerNorm output); each provider starts from the same residual.
 
 Times: median of CUDA-event timings, eager (one call between two events) and graph (one replay
 of a CUDA graph holding one call: launch overhead hidden, as in the engine). ``speedup`` =
@@ -49,6 +57,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO / "src"))
 
 SHAPES = ("1x1024", "16x256", "16x1024", "64x256", "64x1024")
+ADDLN_ROWS = (256, 4096, 16384, 65536)
 N_MELS, CHANNELS, FFN_HIDDEN = 80, 256, 2048
 
 
@@ -165,6 +174,39 @@ def ffn_rows(b: int, t: int, dtype: torch.dtype) -> list[dict[str, object]]:
     return rows
 
 
+def addln_rows(m: int, k: int, dtype: torch.dtype) -> list[dict[str, object]]:
+    """F.linear + add_layer_norm vs linear_add_layer_norm at (m, k) x (256, k), residual and
+    y as the encoder has them (float32 stream, y in the compute dtype)."""
+    from speechrt.kernels import linear_add_layer_norm as lal
+    from speechrt.kernels.layer_norm import add_layer_norm
+
+    dev, d = "cuda", CHANNELS
+    shape = f"{m}x{k} @ {d}x{k}"
+    z = torch.randn(m, k, device=dev).to(dtype)
+    w = (torch.randn(d, k, device=dev) / k**0.5).to(dtype)
+    bias = (torch.randn(d, device=dev) * 0.1).to(dtype)
+    lw = (1 + 0.1 * torch.randn(d, device=dev)).to(dtype)
+    lb = (0.1 * torch.randn(d, device=dev)).to(dtype)
+    r0 = torch.randn(m, d, device=dev) * 3
+    with _no_tf32():
+        _, gold = lal.linear_add_layer_norm_ref(z, w, r0, lw, lb, bias=bias, scale=0.5, upcast=True)
+
+    def unfused(r: torch.Tensor) -> torch.Tensor:
+        return add_layer_norm(F.linear(z, w), r, lw, lb, x_bias=bias, scale=0.5, h_out=r)[1]
+
+    base = functools.partial(unfused, r0.clone())
+    rows = [_row("addln", shape, "linear+add_ln", "", dtype, base, gold)]
+    configs = [None, *(lal.CONFIGS if dtype != torch.float32 else lal.CONFIGS_FP32)]
+    for cfg in configs:
+
+        def fused(r: torch.Tensor, cfg=cfg) -> torch.Tensor:
+            return lal.linear_add_layer_norm(z, w, r, lw, lb, bias=bias, scale=0.5, config=cfg)[1]
+
+        fn = functools.partial(fused, r0.clone())  # the first call (max_err) sees r0
+        rows.append(_row("addln", shape, "linear_add_ln", str(cfg or "default"), dtype, fn, gold))
+    return rows
+
+
 @contextlib.contextmanager
 def _no_tf32() -> Iterator[None]:
     """Float32 matmuls without TF32 inside (for the float32 references)."""
@@ -231,7 +273,12 @@ def main() -> None:
         "--dtype", nargs="+", default=["float16"], choices=["float32", "float16", "bfloat16"]
     )
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="B x T, e.g. 16x256")
-    parser.add_argument("--part", nargs="+", default=["front", "ffn"], choices=["front", "ffn"])
+    parser.add_argument(
+        "--part", nargs="+", default=["front", "ffn"], choices=["front", "ffn", "addln"]
+    )
+    parser.add_argument(
+        "--rows", nargs="+", type=int, default=list(ADDLN_ROWS), help="addln: GEMM rows"
+    )
     parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -239,13 +286,18 @@ def main() -> None:
     torch.manual_seed(0)
     rows: list[dict[str, object]] = []
     for dtype in (getattr(torch, name) for name in args.dtype):
-        for shape in args.shapes:
+        for shape in args.shapes if {"front", "ffn"} & set(args.part) else ():
             b, t = (int(v) for v in shape.split("x"))
             if "front" in args.part:
                 rows += front_rows(b, t, dtype)
             if "ffn" in args.part:
                 rows += ffn_rows(b, t, dtype)
             print(f"done {shape} {dtype}", file=sys.stderr, flush=True)
+        if "addln" in args.part:
+            for m in args.rows:
+                for k in (FFN_HIDDEN, CHANNELS):
+                    rows += addln_rows(m, k, dtype)
+                print(f"done addln {m} rows {dtype}", file=sys.stderr, flush=True)
     _speedups(rows)
     print(_header() + "\n")
     _print_table(rows)

@@ -147,6 +147,49 @@ def test_kernel_switches_equal_torch(shared, triton_front, triton_ffn):
         torch.testing.assert_close(b[i, :n], a[i, :n], atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", FIXTURES)
+def test_linear_add_layer_norm_switch_equals_torch(shared, name, monkeypatch):
+    """The four GEMM -> residual add + LayerNorm sites of every block as one fused kernel each
+    (triton_add_ln, off by default) against the torch modules; all four sites take the kernel."""
+    import speechrt.models.conformer.fused as fused_mod
+
+    kernel, calls = fused_mod.linear_add_layer_norm, []
+
+    def spy(*args, **kw):
+        calls.append(args[1].shape)
+        return kernel(*args, **kw)
+
+    monkeypatch.setattr(fused_mod, "linear_add_layer_norm", spy)
+    d, feats, lens = _load(shared, name)
+    ref = load_wenet(d, device=DEVICE, engine="torch")
+    fast = load_wenet(d, device=DEVICE, engine="fused", cuda_graphs=False)
+    enc = fast.engine.encoder
+    assert not enc.triton_add_ln  # the default: off
+    enc.triton_add_ln = True
+    a, al = ref.encode(feats, lens)
+    b, bl = fast.encode(feats, lens)
+    assert len(calls) == 4 * len(enc.blocks)
+    assert al.tolist() == bl.tolist()
+    for i, n in enumerate(al.tolist()):
+        torch.testing.assert_close(b[i, :n], a[i, :n], atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_triton_add_ln_half_precision_graphs(shared, dtype):
+    """The fused GEMM + add + LayerNorm sites with the other CUDA defaults, captured in a graph:
+    same gates as test_half_precision_gates_and_graphs."""
+    d, feats, lens = _load(shared, "conformer_ctc_aed")
+    ref = load_wenet(d, device="cuda", engine="torch")
+    fast = load_wenet(d, device="cuda", dtype=dtype, engine="fused", cuda_graphs=True)
+    fast.engine.encoder.triton_add_ln = True
+    a, al = ref.encode(feats, lens)
+    for _ in range(2):  # capture, then replay
+        b, _ = fast.encode(feats, lens)
+    _check_gates(a, al, b, dtype)
+    assert fast.engine._enc_graphs.stats.replays >= 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_triton_ffn_half_precision_graphs(shared, dtype):

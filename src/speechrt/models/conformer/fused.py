@@ -36,6 +36,8 @@ from speechrt.kernels.conv_subsampling import (
 )
 from speechrt.kernels.layer_norm import add_layer_norm, layer_norm
 from speechrt.kernels.linear_act import linear_act
+from speechrt.kernels.linear_add_layer_norm import MAX_D as ADD_LN_MAX_D
+from speechrt.kernels.linear_add_layer_norm import linear_add_layer_norm
 from speechrt.kernels.log_softmax import linear_log_softmax
 from speechrt.layers.positional import positions
 from speechrt.models.conformer.config import EncoderConfig
@@ -130,6 +132,13 @@ class FusedEncoder:
     (:func:`~speechrt.kernels.linear_act.linear_act`) instead of cuBLAS ``F.linear`` plus a
     separate activation kernel. None (default): on for CUDA weights with Triton installed (1.0-1.4x
     the cuBLAS GEMM + SiLU kernel at every measured size, BENCHMARKS.md); also an attribute.
+
+    ``triton_add_ln``: run the four GEMM -> residual add + LayerNorm sites of every block
+    (macaron FFN w2, attention output, conv pw2, FFN w2) as one
+    :func:`~speechrt.kernels.linear_add_layer_norm.linear_add_layer_norm` kernel each (bias,
+    scale, residual add and LayerNorm in the GEMM epilogue) when D <= 256 and the residual
+    stream is float32. Default off until measured on the H200; also an attribute. A subclass
+    that overrides :meth:`_second_ffn` keeps its FFN w2 site unfused.
     """
 
     def __init__(
@@ -139,6 +148,7 @@ class FusedEncoder:
         pad_mode: str = "zero",
         triton_front: bool | None = None,
         triton_ffn: bool | None = None,
+        triton_add_ln: bool = False,
     ):
         reason = encoder_unsupported(enc.cfg)
         if reason:
@@ -152,6 +162,7 @@ class FusedEncoder:
         if triton_ffn is None:  # measured faster than cuBLAS + a SiLU kernel on the H200
             triton_ffn = enc.final_norm.weight.is_cuda and triton_importable()
         self.triton_ffn = triton_ffn
+        self.triton_add_ln = triton_add_ln
         self.sub_dtype = self.dtype
         self._front = self._prepare_front(enc.subsampling) if enc.subsampling.convs else None
         self._front_packed, self.triton_front = self._pack_front(enc.subsampling, triton_front)
@@ -305,18 +316,64 @@ class FusedEncoder:
             cache[pe.shape[0]] = p
         return p
 
+    def _ffn_hidden(self, y, w1, b1):
+        """y (B, T, D) -> act(w1 y + b1), (B, T, H) compute dtype."""
+        if self.triton_ffn:
+            return linear_act(y, w1, b1, self.act_name)
+        return self.act(F.linear(y, w1, b1))
+
     def _ffn(self, y, w1, b1, w2):
         """y (B, T, D) -> w2 act(w1 y + b1), (B, T, D) without w2's bias."""
-        if self.triton_ffn:
-            return F.linear(linear_act(y, w1, b1, self.act_name), w2)
-        return F.linear(self.act(F.linear(y, w1, b1)), w2)
+        return F.linear(self._ffn_hidden(y, w1, b1), w2)
+
+    def _fuse_add_ln(self, x: torch.Tensor) -> bool:
+        """Whether the GEMM -> add + LayerNorm sites run as one kernel for residual x."""
+        return (
+            self.triton_add_ln
+            and x.shape[-1] <= ADD_LN_MAX_D
+            and x.dtype == torch.float32
+            and x.is_contiguous()
+        )
+
+    def _linear_add_ln(self, z, w, x, n, bias, scale=1.0, y_dtype=None):
+        """z (B, T, K) @ w^T (D, K): residual ``x + scale * (z w^T + bias)`` and its
+        LayerNorm ``n`` -> (x (B, T, D), y (B, T, D) in y_dtype, default the compute dtype).
+        The fused kernel updates x in place; the unfused path allocates a new x."""
+        if self._fuse_add_ln(x):
+            return linear_add_layer_norm(
+                z, w, x, n.weight, n.bias, n.eps, bias=bias, scale=scale, y_dtype=y_dtype
+            )
+        return add_layer_norm(
+            F.linear(z, w), x, n.weight, n.bias, n.eps, x_bias=bias, scale=scale, y_dtype=y_dtype
+        )
+
+    def _second_ffn_add_ln(self, x, y, blk, ff_context):
+        """Second FFN of the block, residual add (scale 0.5) and norm_final ->
+        norm_final's output (B, T', D) in the residual dtype (the next block's stream)."""
+        n = blk["norm_final"]
+        if type(self)._second_ffn is FusedEncoder._second_ffn:  # not replaced by a subclass
+            z = self._ffn_hidden(y, blk["ff_w1"], blk["ff_b1"])
+            return self._linear_add_ln(
+                z, blk["ff_w2"], x, n, blk["ff_b2"], 0.5, y_dtype=self.residual_dtype
+            )[1]
+        f, f_bias = self._second_ffn(y, blk, ff_context)
+        _, x = add_layer_norm(
+            f,
+            x,
+            n.weight,
+            n.bias,
+            n.eps,
+            x_bias=f_bias,
+            scale=0.5,
+            y_dtype=self.residual_dtype,
+        )
+        return x
 
     def _block(self, x, y, blk, lengths, chunk, left, pe, ff_context=None):
         b, t, d = x.shape
         h, dk = self.n_head, d // self.n_head
-        f = self._ffn(y, blk["mac_w1"], blk["mac_b1"], blk["mac_w2"])
-        n = blk["norm_attn"]
-        x, y = add_layer_norm(f, x, n.weight, n.bias, n.eps, x_bias=blk["mac_b2"], scale=0.5)
+        f = self._ffn_hidden(y, blk["mac_w1"], blk["mac_b1"])  # (B, T, H)
+        x, y = self._linear_add_ln(f, blk["mac_w2"], x, blk["norm_attn"], blk["mac_b2"], 0.5)
         qkv = F.linear(y, blk["qkv_w"], blk["qkv_b"]).view(b, t, 3, h, dk)
         p = self._pos_proj(blk, pe).view(t, h, dk)
         att = rel_pos_attention(
@@ -330,9 +387,8 @@ class FusedEncoder:
             chunk_size=chunk,
             num_left_chunks=left,
         )
-        att = F.linear(att.view(b, t, d), blk["out_w"])
-        n = blk["norm_conv"]
-        x, y = add_layer_norm(att, x, n.weight, n.bias, n.eps, x_bias=blk["out_b"])
+        att = att.view(b, t, d)
+        x, y = self._linear_add_ln(att, blk["out_w"], x, blk["norm_conv"], blk["out_b"])
         x2 = F.linear(y, blk["pw1_w"], blk["pw1_b"])
         cache = None
         if blk["causal"]:
@@ -355,22 +411,8 @@ class FusedEncoder:
             cache=cache,
             **conv_kw,
         )
-        g = F.linear(g, blk["pw2_w"])
-        n = blk["norm_ff"]
-        x, y = add_layer_norm(g, x, n.weight, n.bias, n.eps, x_bias=blk["pw2_b"])
-        f, f_bias = self._second_ffn(y, blk, ff_context)
-        n = blk["norm_final"]
-        _, x = add_layer_norm(
-            f,
-            x,
-            n.weight,
-            n.bias,
-            n.eps,
-            x_bias=f_bias,
-            scale=0.5,
-            y_dtype=self.residual_dtype,
-        )
-        return x  # norm_final output: the next block's residual stream
+        x, y = self._linear_add_ln(g, blk["pw2_w"], x, blk["norm_ff"], blk["pw2_b"])
+        return self._second_ffn_add_ln(x, y, blk, ff_context)  # the next block's stream
 
     @torch.inference_mode()
     def forward(

@@ -70,7 +70,8 @@ def test_streaming_chunk_mask_fused(shared):
 def test_buckets_and_padding():
     bk = Buckets(batch_sizes=(1, 4, 16), length_step=64, max_length=256)
     assert bk.key(3, 100) == (4, 128)
-    assert bk.key(17, 300) == (17, 512)
+    assert bk.key(17, 300) == (32, 512)  # above the largest size: multiples of it
+    assert [bk.batch(b) for b in (16, 17, 32, 33, 48)] == [16, 32, 32, 48, 48]
     feats, lens = torch.randn(3, 100, 80), torch.tensor([100, 50, 7])
     pf, pl = pad_to(feats, lens, 4, 128)
     assert pf.shape == (4, 128, 80) and pl.tolist() == [100, 50, 7, 0]
@@ -137,8 +138,8 @@ def test_kernel_switches_equal_torch(shared, triton_front, triton_ffn):
     ref = load_wenet(d, device=DEVICE, engine="torch")
     fast = load_wenet(d, device=DEVICE, engine="fused", cuda_graphs=False)
     enc = fast.engine.encoder
-    assert enc.triton_front == (DEVICE == "cuda")  # the defaults: on with CUDA + Triton
-    assert not enc.triton_ffn  # and off
+    # The defaults: both on with CUDA + Triton (measured faster on the H200), off elsewhere.
+    assert enc.triton_front == (DEVICE == "cuda") and enc.triton_ffn == (DEVICE == "cuda")
     enc.triton_front, enc.triton_ffn = triton_front, triton_ffn
     a, al = ref.encode(feats, lens)
     b, bl = fast.encode(feats, lens)

@@ -63,3 +63,16 @@ def test_cli_transcribe_without_model_uses_it(capsys, monkeypatch):
     assert main(["transcribe", wav]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"{wav}\t{refs['syn_test_0000026']}", err
+
+
+def test_a_local_folder_named_like_it_that_is_no_model_does_not_hide_it(tmp_path, monkeypatch):
+    """``recipes/`` holds a ``synthetic_en`` folder (the recipe): the name still means the
+    bundled model there; a local folder of that name that *is* a model wins."""
+    from speechrt.models.registry import resolve_model_path
+
+    (tmp_path / "synthetic_en").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("synthetic_en") == bundled_model_dir()
+    assert resolve_model_path("synthetic_en/") == bundled_model_dir()
+    (tmp_path / "synthetic_en" / "train.yaml").write_text("{}")
+    assert resolve_model_path("synthetic_en") == Path("synthetic_en")

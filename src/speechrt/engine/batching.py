@@ -23,10 +23,13 @@ class Buckets:
     max_length: int = 1024
 
     def batch(self, b: int) -> int:
+        """The bucket of a batch of ``b``: the first size >= b; above the largest, the next
+        multiple of the largest (so batches of 65..128 share one bucket, not one graph each)."""
         for size in self.batch_sizes:
             if b <= size:
                 return size
-        return b
+        top = self.batch_sizes[-1]
+        return -(-b // top) * top
 
     def length(self, t: int) -> int:
         step = self.length_step if t <= self.max_length else 4 * self.length_step

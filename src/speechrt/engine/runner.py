@@ -15,6 +15,8 @@ from speechrt.engine.memory import WeightReport, weight_report
 from speechrt.engine.precision import Precision
 from speechrt.models.conformer.fused import FusedDecoder, FusedEncoder
 
+_ENCODER_SWITCHES = ("triton_front", "triton_ffn", "triton_add_ln")
+
 
 class ConformerEngine:
     """Fast path of a :class:`~speechrt.models.conformer.model.ConformerASR` (or of a model with
@@ -71,7 +73,10 @@ class ConformerEngine:
         bb, tt = self.buckets.key(b, t)
         padded, plens = pad_to(feats.float(), lengths, bb, tt)
         self._chunk = (chunk_size, num_left_chunks)
-        out, out_lens = self._enc_graphs((bb, tt, chunk_size, num_left_chunks), padded, plens)
+        # The encoder's kernel switches are part of the key: flipping one captures anew.
+        switches = tuple(getattr(self.encoder, k, None) for k in _ENCODER_SWITCHES)
+        key = (bb, tt, chunk_size, num_left_chunks, switches)
+        out, out_lens = self._enc_graphs(key, padded, plens)
         t_out = int(self.net.encoder.subsampling.output_frames(t))
         return out[:b, :t_out].clone(), out_lens[:b].clone()
 

@@ -22,12 +22,17 @@ def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
-    """None -> the bundled default model; a bundled model's name (when no such path exists) ->
-    its directory; anything else unchanged."""
+    """None -> the bundled default model; a bundled model's name -> its directory, unless a
+    local path of that name is itself a model (e.g. the recipe's own ``synthetic_en`` folder is
+    not); anything else unchanged."""
     if path is None:
         return bundled_model_dir()
-    if str(path) in BUNDLED_MODELS and not Path(path).exists():
-        return bundled_model_dir(str(path))
+    name = str(path).rstrip("/")
+    if name in BUNDLED_MODELS:
+        try:
+            detect_format(path)
+        except ModelFormatError:
+            return bundled_model_dir(name)
     return Path(path)
 
 

@@ -125,3 +125,14 @@ def _sm_count_of(index: int) -> int:
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached per device; queried on first use)."""
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_precision(dtype: torch.dtype) -> dict:
+    """``UPCAST`` / ``INPUT_PRECISION`` launch constants for ``tl.dot`` on ``dtype`` operands.
+
+    float32 operands get IEEE float32 products (no TF32); bfloat16 under ``TRITON_INTERPRET`` is
+    upcast too (the interpreter's bf16 dot is wrong; bf16 products are exact in float32); float16
+    and bfloat16 otherwise run on tensor cores with float32 accumulation.
+    """
+    upcast = dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
+    return {"UPCAST": upcast, "INPUT_PRECISION": "ieee" if upcast else "tf32"}

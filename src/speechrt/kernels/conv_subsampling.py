@@ -44,6 +44,7 @@ from speechrt.kernels._utils import (
     cdiv,
     check_float,
     check_launch,
+    dot_precision,
     interpreting,
     next_power_of_2,
     out_or_empty,
@@ -341,10 +342,9 @@ def conv_subsampling(
     if m == 0:
         return y
     cfg = config or _default_config(m, c, w.dtype, x.device)
-    # UPCAST: float32 operands with IEEE products (float32 weights: no TF32; bfloat16 under
-    # TRITON_INTERPRET, whose bf16 dot is wrong and whose casts to bf16 truncate: there the
-    # patch and conv1 values stay float32, only the weights and the output are bf16).
-    upcast = w.dtype == torch.float32 or (interpreting() and w.dtype == torch.bfloat16)
+    # With UPCAST (float32, or bfloat16 under TRITON_INTERPRET, whose casts to bf16 truncate)
+    # the patch and conv1 values stay float32; only the weights and the output are bf16.
+    precision = dot_precision(w.dtype)
     cmvn = mean is not None
     mean_t = mean.float().contiguous() if cmvn else w.b2
     istd_t = istd.float().contiguous() if cmvn else w.b2
@@ -353,7 +353,7 @@ def conv_subsampling(
         x, mean_t, istd_t, w.w1, w.w2, w.b2, y,
         m, t2 * f2, f2, c,
         x.stride(0), x.stride(1), x.stride(2), w.w1.stride(0), w.w2.stride(0), c,
-        HAS_CMVN=cmvn, UPCAST=upcast, INPUT_PRECISION="ieee" if upcast else "tf32",
+        HAS_CMVN=cmvn, **precision,
         PATCH=PATCH, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -27,6 +27,7 @@ from speechrt.kernels._utils import (
     cdiv,
     check_float,
     check_launch,
+    dot_precision,
     interpreting,
     next_power_of_2,
     out_or_empty,
@@ -185,15 +186,12 @@ def linear_act(
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     cfg = config or _default_config(m, n, k, x.dtype, x.device)
-    # UPCAST: float32 operands with IEEE products (float32 inputs: no TF32; bfloat16 under
-    # TRITON_INTERPRET, whose bf16 dot is wrong -- bf16 products are exact in float32).
-    upcast = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
     _linear_act_kernel[grid](
         x2d, weight, bias if bias is not None else weight, y,
         m, n, k, x2d.stride(0), weight.stride(0), n,
-        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], UPCAST=upcast,
-        INPUT_PRECISION="ieee" if upcast else "tf32",
+        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation],
+        **dot_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

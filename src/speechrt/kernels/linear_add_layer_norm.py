@@ -28,6 +28,7 @@ from speechrt.kernels._utils import (
     cdiv,
     check_float,
     check_launch,
+    dot_precision,
     interpreting,
     next_power_of_2,
     out_or_empty,
@@ -225,16 +226,13 @@ def linear_add_layer_norm(
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     cfg = config or _default_config(m, k, z.dtype, z.device)
-    # UPCAST: float32 operands with IEEE products (float32 inputs: no TF32; bfloat16 under
-    # TRITON_INTERPRET, whose bf16 dot is wrong -- bf16 products are exact in float32).
-    upcast = z.dtype == torch.float32 or (interpreting() and z.dtype == torch.bfloat16)
     _linear_add_ln_kernel[(cdiv(m, cfg.block_m),)](
         z2d, weight, bias if bias is not None else weight, residual,
         ln_weight if ln_weight is not None else weight,
         ln_bias if ln_bias is not None else weight, y,
         m, d, k, z2d.stride(0), weight.stride(0), float(eps), float(scale),
         HAS_BIAS=bias is not None, HAS_LW=ln_weight is not None, HAS_LB=ln_bias is not None,
-        UPCAST=upcast, INPUT_PRECISION="ieee" if upcast else "tf32",
+        **dot_precision(z.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=max(16, next_power_of_2(d)), BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

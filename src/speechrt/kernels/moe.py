@@ -46,6 +46,7 @@ from speechrt.kernels._utils import (
     cdiv,
     check_float,
     check_launch,
+    dot_precision,
     interpreting,
     next_power_of_2,
 )
@@ -541,12 +542,8 @@ def moe_experts(
 
 def _tile_kwargs(cfg: GemmConfig, dtype: torch.dtype, num_experts: int) -> dict:
     """Launch constants shared by both grouped GEMMs."""
-    upcast = dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
-    # UPCAST: float32 operands with IEEE products (float32 inputs: no TF32; bfloat16 under
-    # TRITON_INTERPRET, whose bf16 dot is wrong -- bf16 products are exact in float32).
     return dict(
-        UPCAST=upcast,
-        INPUT_PRECISION="ieee" if upcast else "tf32",
+        **dot_precision(dtype),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,

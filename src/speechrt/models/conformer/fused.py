@@ -120,7 +120,7 @@ class FusedEncoder:
     Built from an :class:`~speechrt.models.conformer.encoder.Encoder`. Weights already in the
     compute dtype (and contiguous) are referenced, not copied; the rest is cast once here.
     Subclasses swap the second feed-forward of every block by overriding :meth:`_prepare_ff`
-    and :meth:`_second_ffn` (the Conformer-MoE does).
+    and :meth:`_second_ffn_add_ln` (the Conformer-MoE does).
 
     ``triton_front``: run a Conv2dSubsampling4 front (CMVN + both convs + ReLUs) as the single
     Triton kernel :func:`~speechrt.kernels.conv_subsampling.conv_subsampling` instead of cuDNN
@@ -138,7 +138,7 @@ class FusedEncoder:
     :func:`~speechrt.kernels.linear_add_layer_norm.linear_add_layer_norm` kernel each (bias,
     scale, residual add and LayerNorm in the GEMM epilogue) when D <= 256 and the residual
     stream is float32. Default off until measured on the H200; also an attribute. A subclass
-    that overrides :meth:`_second_ffn` keeps its FFN w2 site unfused.
+    that overrides :meth:`_second_ffn_add_ln` decides for its own second FFN.
     """
 
     def __init__(
@@ -239,20 +239,14 @@ class FusedEncoder:
         return None if t is None else t.detach().to(self.dtype).contiguous()
 
     def _prepare_ff(self, ff) -> dict:
-        """The second (post-conv) feed-forward's weights, as :meth:`_second_ffn` reads them."""
+        """The second (post-conv) feed-forward's weights, as :meth:`_second_ffn_add_ln` reads
+        them."""
         return {
             "ff_w1": self._w(ff.w1.weight),
             "ff_b1": self._w(ff.w1.bias),
             "ff_w2": self._w(ff.w2.weight),
             "ff_b2": self._w(ff.w2.bias),
         }
-
-    def _second_ffn(
-        self, y: torch.Tensor, blk: dict, ff_context: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """norm_ff output y (B, T', D) -> (FFN output without its last bias, that bias or None);
-        the fused add+LayerNorm adds the bias. ff_context: the encoder's side input (unused)."""
-        return self._ffn(y, blk["ff_w1"], blk["ff_b1"], blk["ff_w2"]), blk["ff_b2"]
 
     def _prepare(self, layer) -> dict:
         a, c = layer.attn, layer.conv
@@ -322,10 +316,6 @@ class FusedEncoder:
             return linear_act(y, w1, b1, self.act_name)
         return self.act(F.linear(y, w1, b1))
 
-    def _ffn(self, y, w1, b1, w2):
-        """y (B, T, D) -> w2 act(w1 y + b1), (B, T, D) without w2's bias."""
-        return F.linear(self._ffn_hidden(y, w1, b1), w2)
-
     def _fuse_add_ln(self, x: torch.Tensor) -> bool:
         """Whether the GEMM -> add + LayerNorm sites run as one kernel for residual x."""
         return (
@@ -348,24 +338,21 @@ class FusedEncoder:
         )
 
     def _second_ffn_add_ln(self, x, y, blk, ff_context):
-        """Second FFN of the block, residual add (scale 0.5) and norm_final ->
-        norm_final's output (B, T', D) in the residual dtype (the next block's stream)."""
+        """Second FFN of the block on norm_ff's output y (B, T', D), residual add (scale 0.5) and
+        norm_final -> norm_final's output (B, T', D) in the residual dtype (the next block's
+        stream). ff_context: the encoder's side input (unused by the dense FFN)."""
+        z = self._ffn_hidden(y, blk["ff_w1"], blk["ff_b1"])
         n = blk["norm_final"]
-        if type(self)._second_ffn is FusedEncoder._second_ffn:  # not replaced by a subclass
-            z = self._ffn_hidden(y, blk["ff_w1"], blk["ff_b1"])
-            return self._linear_add_ln(
-                z, blk["ff_w2"], x, n, blk["ff_b2"], 0.5, y_dtype=self.residual_dtype
-            )[1]
-        f, f_bias = self._second_ffn(y, blk, ff_context)
+        return self._linear_add_ln(
+            z, blk["ff_w2"], x, n, blk["ff_b2"], 0.5, y_dtype=self.residual_dtype
+        )[1]
+
+    def _add_final_norm(self, f, x, blk, f_bias=None):
+        """norm_final(x + 0.5 * (f + f_bias)) in the residual dtype: for a subclass's FFN output
+        f (B, T', D)."""
+        n = blk["norm_final"]
         _, x = add_layer_norm(
-            f,
-            x,
-            n.weight,
-            n.bias,
-            n.eps,
-            x_bias=f_bias,
-            scale=0.5,
-            y_dtype=self.residual_dtype,
+            f, x, n.weight, n.bias, n.eps, x_bias=f_bias, scale=0.5, y_dtype=self.residual_dtype
         )
         return x
 
@@ -427,7 +414,7 @@ class FusedEncoder:
 
         chunk_size/num_left_chunks: the chunk mask to apply (0 = full attention), as returned by
         :meth:`Encoder.chunk_config`. ff_context (B, T', C): side input of every block's second
-        FFN (see :meth:`_second_ffn`).
+        FFN (see :meth:`_second_ffn_add_ln`).
         """
         x = self._embed(feats)  # (B, T', D)
         out_lengths = self.subsampling.output_lengths(lengths)

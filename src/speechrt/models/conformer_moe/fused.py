@@ -105,10 +105,11 @@ class FusedMoEEncoder(FusedEncoder):
             "moe_activation": ff.activation,
         }
 
-    def _second_ffn(
-        self, y: torch.Tensor, blk: dict, ff_context: torch.Tensor | None
-    ) -> tuple[torch.Tensor, None]:
-        """y (B, T', D) compute dtype, ff_context (B, T', DE) the embedding -> (B, T', D), None.
+    def _second_ffn_add_ln(
+        self, x: torch.Tensor, y: torch.Tensor, blk: dict, ff_context: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The MoE FFN on y (B, T', D) compute dtype, routed with ff_context (B, T', DE) the
+        embedding, then residual add (0.5) and norm_final -> the next block's stream (B, T', D).
 
         Routing reads ``[ff_context, y]`` (embedding first, as MoEFeedForward); the expert bias
         b2 is applied inside the down-projection GEMM, before the gate scale."""
@@ -133,7 +134,7 @@ class FusedMoEEncoder(FusedEncoder):
             blk["moe_b2"],
             blk["moe_activation"],
         )
-        return out, None
+        return self._add_final_norm(out, x, blk)
 
     @torch.inference_mode()
     def forward(

@@ -5,15 +5,7 @@
 #   OUT=$OUT bash bench/run_gpu_moe.sh [extra `speechrt bench moe` args]
 # The bench rewrites moe.md/.csv/.json after every step, so its time-out keeps what it measured.
 set -uo pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-export SPEECHRT_SHARED=$PWD/.carry/shared SPEECHRT_TEST_DEVICE=cuda
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+source bench/gpu_env.sh
 timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" -rfEs \
   tests/models/conformer_moe tests/benchmark/test_moe_bench.py tests/kernels/test_moe.py \
   tests/engine > "$OUT/gpu_tests.log" 2>&1

@@ -12,6 +12,16 @@ from pathlib import Path
 
 import torch
 
+AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg")
+
+
+def audio_files(folder: str | Path) -> list[Path]:
+    """The audio files of ``folder`` (by suffix), sorted by name; an error when there is none."""
+    files = sorted(f for f in Path(folder).iterdir() if f.suffix in AUDIO_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no audio files in {folder}")
+    return files
+
 
 def cuda_time_ms(
     fn: Callable[[], object],

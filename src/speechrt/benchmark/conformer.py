@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from speechrt.benchmark.common import (  # noqa: I001
+    audio_files,
     cuda_time_ms,
     environment,
     error_stats,
@@ -248,14 +249,7 @@ class ConformerBench:
         from speechrt.models.conformer.recognizer import WenetModel
         from speechrt.models.conformer.tokenizer import SymbolTable
 
-        files = sorted(
-            f
-            for f in Path(self.cfg.e2e_dir).iterdir()
-            if f.suffix in (".flac", ".wav", ".mp3", ".ogg")
-        )
-        if not files:
-            raise FileNotFoundError(f"no audio files in {self.cfg.e2e_dir}")
-        wavs = [load_audio(f) for f in files]
+        wavs = [load_audio(f) for f in audio_files(self.cfg.e2e_dir)]  # (N,) 16 kHz each
         audio_s = sum(w.shape[-1] for w in wavs) / 16000.0
         symbols = SymbolTable({i: f"u{i}" for i in range(4233)})
         variants = {"eager_fp32": None, **{f"speechrt_{k}": v for k, v in self.engines.items()}}
@@ -282,7 +276,7 @@ class ConformerBench:
                 {
                     "part": "e2e",
                     "provider": name,
-                    "files": len(files),
+                    "files": len(wavs),
                     "audio_s": audio_s,
                     "seconds": sec,
                     "RTF": sec / audio_s,

@@ -52,6 +52,7 @@ from torch import Tensor
 from speechrt.audio.log_mel import N_FRAMES, N_SAMPLES, SAMPLE_RATE
 from speechrt.benchmark.common import (
     PeakMemory,
+    audio_files,
     cuda_time_ms,
     environment,
     free_cuda_cache,
@@ -351,7 +352,6 @@ E2E_NOTE = (
     "time (after a warm-up pass; `capture_s`: CUDA-graph captures); openai-whisper and "
     "transformers: one file at a time. RTFx = audio_s / seconds."
 )
-AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg")
 
 
 def e2e_inputs(folder: Path) -> tuple[list[Tensor], list[str]]:
@@ -365,7 +365,7 @@ def e2e_inputs(folder: Path) -> tuple[list[Tensor], list[str]]:
             stem, _, text = line.strip().partition(" ")
             if stem:
                 texts[stem] = text
-    files = sorted(f for f in folder.iterdir() if f.suffix in AUDIO_SUFFIXES and f.stem in texts)
+    files = [f for f in audio_files(folder) if f.stem in texts]
     if not files:
         raise FileNotFoundError(f"no audio files with a trans.txt line in {folder}")
     return [load_audio(f) for f in files], [texts[f.stem] for f in files]
@@ -616,14 +616,7 @@ class WhisperBench:
         from speechrt.audio.io import load_audio
         from speechrt.models.whisper.runtime import load_whisper
 
-        files = sorted(
-            f
-            for f in Path(self.cfg.e2e_dir).iterdir()
-            if f.suffix in (".flac", ".wav", ".mp3", ".ogg")
-        )
-        if not files:
-            raise FileNotFoundError(f"no audio files in {self.cfg.e2e_dir}")
-        wavs = [load_audio(f) for f in files]
+        wavs = [load_audio(f) for f in audio_files(self.cfg.e2e_dir)]  # (N,) 16 kHz each
         audio_s = sum(w.shape[-1] for w in wavs) / 16000.0
         model = load_whisper(self.cfg.e2e_model, device=self.dev)
         model.transcribe(wavs[0], temperature=0.0, language="en")  # warm-up
@@ -640,7 +633,7 @@ class WhisperBench:
                 "part": "e2e",
                 "model": self.cfg.e2e_model,
                 "provider": "speechrt",
-                "files": len(files),
+                "files": len(wavs),
                 "audio_s": audio_s,
                 "seconds": sec,
                 "RTFx": audio_s / sec,

@@ -37,11 +37,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import functools
+import json
 import math
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,6 +54,8 @@ try:
     import speechrt  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO / "src"))
+
+from speechrt.benchmark.common import environment, markdown_table, write_csv  # noqa: E402
 
 SHAPES = ("1x1024", "16x256", "16x1024", "64x256", "64x1024")
 ADDLN_ROWS = (256, 4096, 16384, 65536)
@@ -227,27 +228,6 @@ def _speedups(rows: list[dict[str, object]]) -> None:
         r["speedup"] = base[key] / r["graph_ms"]
 
 
-def _header() -> str:
-    import triton
-
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    return (
-        f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | "
-        f"triton {triton.__version__} | commit {commit or '?'}"
-    )
-
-
-def _print_table(rows: list[dict[str, object]]) -> None:
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()]
-        print("| " + " | ".join(cells) + " |")
-
-
 def _best(rows: list[dict[str, object]]) -> None:
     """Per part/shape/dtype: the fastest Triton config against the baseline."""
     print("\nFastest Triton config per shape (graph ms):\n")
@@ -299,14 +279,11 @@ def main() -> None:
                     rows += addln_rows(m, k, dtype)
                 print(f"done addln {m} rows {dtype}", file=sys.stderr, flush=True)
     _speedups(rows)
-    print(_header() + "\n")
-    _print_table(rows)
+    print(f"`{json.dumps(environment())}`\n")
+    print(markdown_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
     _best(rows)
     if args.csv:
-        with args.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

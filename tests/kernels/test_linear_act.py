@@ -77,6 +77,20 @@ def test_explicit_configs_no_bias_and_out(config, device):
     torch.testing.assert_close(y, x @ w.T, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_output_is_the_unrounded_accumulator(dtype, device):
+    """out_dtype=float32: half inputs, the float32 accumulator stored without rounding -- closer
+    to the float64 product of the same half inputs than the half-precision output is."""
+    x, w, b = _inputs((45, 64), 24, device, dtype)
+    y32 = linear_act(x, w, b, "identity", out_dtype=torch.float32)
+    y16 = linear_act(x, w, b, "identity")
+    assert y32.dtype == torch.float32 and y16.dtype == dtype
+    gold = x.double() @ w.double().T + b.double()
+    err32 = (y32.double() - gold).abs().max().item()
+    err16 = (y16.double() - gold).abs().max().item()
+    assert err32 < 1e-4 and err32 < err16 / 4, (err32, err16)
+
+
 def test_strided_rows(device):
     base, w, b = _inputs((9, 2, 32), 24, device)
     x = base[:, 1]  # (9, 32), row stride 64

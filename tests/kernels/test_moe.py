@@ -204,6 +204,25 @@ def test_experts_without_bias_or_gate_and_leading_dims(device):
                                atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_experts_float32_output(k, device):
+    """out_dtype=float32 from half inputs: the gated down-projection accumulator unrounded,
+    equal to the float32 computation on the same half inputs (hidden rounded to half)."""
+    e, d, h, n = 4, 24, 40, 21
+    w1, b1, w2, b2 = _experts(e, d, h, device)
+    idx, gate = _assignment("random", n, e, k, device)
+    half = [t.to(torch.float16) for t in (torch.randn(n, d, device=device), w1, b1, w2, b2)]
+    y = moe_experts(half[0], idx, gate, *half[1:], "swish", out_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    up = torch.einsum("nd,nhd->nh", half[0].float().repeat_interleave(k, 0),
+                      half[1].float()[idx.reshape(-1)]) + half[2].float()[idx.reshape(-1)]
+    hid = torch.nn.functional.silu(up).half().float()  # (N*K, H), rounded as the kernel does
+    down = torch.einsum("nh,ndh->nd", hid, half[3].float()[idx.reshape(-1)])
+    down = (down + half[4].float()[idx.reshape(-1)]) * gate.reshape(-1, 1)
+    gold = down.view(n, k, d).sum(1)
+    torch.testing.assert_close(y, gold, atol=2e-4, rtol=1e-4)
+
+
 def test_experts_empty_input(device):
     w1, b1, w2, b2 = _experts(3, 8, 16, device)
     x = torch.zeros(0, 8, device=device)

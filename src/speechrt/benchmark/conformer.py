@@ -27,6 +27,7 @@ from speechrt.benchmark.common import (  # noqa: I001
     error_stats,
     kernel_profile,
     markdown_table,
+    set_encoder_options,
     strict_fp32,
     sync_cuda,
     valid_rows,
@@ -50,6 +51,7 @@ class BenchConfig:
     out: Path = field(default_factory=lambda: Path("bench_out"))
     device: str = "cuda"
     num_blocks: int = 12  # smaller only for CPU smoke tests
+    encoder_options: tuple[tuple[str, bool], ...] = ()  # fused-encoder switches, e.g. triton_add_ln
     decoder_blocks: int = 6
 
 
@@ -127,6 +129,7 @@ class ConformerBench:
         for dt in cfg.dtypes:
             t0 = time.perf_counter()
             self.engines[dt] = ConformerEngine(self.net, Precision.of(dt), cuda_graphs=True)
+            set_encoder_options(self.engines[dt].encoder, cfg.encoder_options)
             self.warmup_s[dt] = time.perf_counter() - t0
         self.rows: list[dict] = []
 
@@ -304,7 +307,7 @@ class ConformerBench:
 
     def report(self, e2e: list[dict], prof: str) -> dict:
         cfg = self.cfg
-        env = environment()
+        env = {**environment(), "encoder_options": dict(self.cfg.encoder_options)}
         base = {
             (r["part"], r["B"], r["T"]): r["latency_ms"]
             for r in self.rows

@@ -65,6 +65,7 @@ from speechrt.benchmark.common import (
     graph_pool_bytes,
     kernel_profile,
     markdown_table,
+    set_encoder_options,
     strict_fp32,
     sync_cuda,
     valid_rows,
@@ -104,6 +105,7 @@ class MoEBenchConfig:
     input_dim: int = 40
     vocab: int = 5000
     router_gain: float = 4.0
+    encoder_options: tuple[tuple[str, bool], ...] = ()  # fused-encoder switches
 
 
 def seed_config(cfg: MoEBenchConfig):
@@ -258,6 +260,7 @@ class MoEBench:
         net = self._net(dt)
         t0 = time.perf_counter()
         eng = build_engine(net, Precision.of(dt), self.cmvn, buckets=EXACT_BUCKETS)
+        set_encoder_options(eng.encoder, self.cfg.encoder_options)
         build_s = time.perf_counter() - t0
         measured = _allocated(self.dev) - base
         rep = eng.weight_report()
@@ -443,7 +446,8 @@ class MoEBench:
         return self.report()
 
     def report(self) -> dict:
-        cfg, env = self.cfg, environment()
+        cfg = self.cfg
+        env = {**environment(), "encoder_options": dict(cfg.encoder_options)}
         _speedups(self.rows)
         goals = goal_summary(self.rows, self.gemm_rows, f"{cfg.gemm_rows} rows")
         result = {

@@ -58,6 +58,15 @@ def add_parser(sub) -> None:
         default=((16, 256),),
         help="BxT of the per-kernel profile of one encoder forward",
     )
+    p.add_argument(
+        "--encoder-option",
+        action="append",
+        type=_switch,
+        default=[],
+        metavar="NAME=on|off",
+        help="conformer/moe: set a fused-encoder kernel switch (triton_front, triton_ffn, "
+        "triton_add_ln) before timing; repeatable",
+    )
     m = p.add_argument_group("moe")
     m.add_argument(
         "--shapes",
@@ -101,6 +110,17 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _switch(text: str) -> tuple[str, bool]:
+    from speechrt.benchmark.common import ENCODER_SWITCHES
+
+    name, _, value = text.partition("=")
+    if name not in ENCODER_SWITCHES or value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=on|off with NAME in {', '.join(ENCODER_SWITCHES)}, got '{text}'"
+        )
+    return name, value == "on"
+
+
 def _dtypes(text: str) -> tuple[str, ...]:
     dtypes = tuple(d for d in text.split(",") if d)
     for d in dtypes:
@@ -140,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         e2e_dir=args.e2e_dir,
         out=Path(args.out),
         profile_shape=args.profile[0],
+        encoder_options=tuple(args.encoder_option),
     )
     ConformerBench(cfg).run()
     print((cfg.out / "conformer.md").read_text())
@@ -201,4 +222,5 @@ def moe_config(args: argparse.Namespace, dtypes: tuple[str, ...]):
         compile_mode=args.compile_mode,
         gemm=not args.no_gemm,
         out=Path(args.out),
+        encoder_options=tuple(args.encoder_option),
     )

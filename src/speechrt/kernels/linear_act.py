@@ -152,6 +152,7 @@ def linear_act(
     activation: str = "swish",
     *,
     out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     config: LinearConfig | None = None,
 ) -> torch.Tensor:
     """``act(x @ weight^T + bias)`` with the activation applied in the GEMM epilogue.
@@ -160,10 +161,12 @@ def linear_act(
         x: (..., K) float32/float16/bfloat16.
         weight: (N, K) in x's dtype (``nn.Linear`` layout); bias: (N,) or None.
         activation: one of :data:`ACTIVATIONS` (swish = silu, gelu is the erf form).
-        out: optional preallocated contiguous (..., N) output in x's dtype.
+        out: optional preallocated contiguous (..., N) output in ``out_dtype``.
+        out_dtype: output dtype (default x's): e.g. float32 keeps a branch that feeds a float32
+            residual stream unrounded.
         config: launch configuration (benchmarks sweep :data:`CONFIGS`); None picks one.
     Returns:
-        (..., N) in x's dtype; accumulation, bias and activation in float32.
+        (..., N) in ``out_dtype``; accumulation, bias and activation in float32.
     """
     if activation not in ACTIVATIONS:
         raise UnsupportedOptionError(
@@ -179,7 +182,7 @@ def linear_act(
         raise ValueError(f"weight is {weight.dtype} but x is {x.dtype}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be ({n},), got {tuple(bias.shape)}")
-    y = out_or_empty(out, (*x.shape[:-1], n), x.dtype, x.device)
+    y = out_or_empty(out, (*x.shape[:-1], n), out_dtype or x.dtype, x.device)
     check_launch(_linear_act_kernel, *(t for t in (x2d, weight, bias) if t is not None))
     if m == 0 or n == 0:
         return y

@@ -493,6 +493,7 @@ def moe_experts(
     b2: torch.Tensor | None,
     activation: str = "swish",
     _config: GemmConfig | tuple[GemmConfig, GemmConfig] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Every row through its chosen experts: ``sum_k gate[k] * W2_e act(W1_e x + b1_e) + b2_e``.
 
@@ -503,8 +504,10 @@ def moe_experts(
         w1: (E, H, D), b1: (E, H) or None, w2: (E, D, H), b2: (E, D) or None, x's dtype.
         activation: one of :data:`ACTIVATIONS`.
         _config: tile config override (both GEMMs, or (up, down)) for tuning sweeps.
+        out_dtype: output dtype (default x's); float32 keeps the down-projection's accumulator
+            unrounded (for a float32 residual stream).
     Returns:
-        (..., D) in x's dtype. The hidden activations are rounded to x's dtype between the two
+        (..., D) in ``out_dtype``. The hidden activations are rounded to x's dtype between the two
         GEMMs (as a dense FFN in that dtype does); accumulation is float32.
     """
     if activation not in ACTIVATIONS:
@@ -524,7 +527,8 @@ def moe_experts(
     if e > MAX_EXPERTS:
         raise ValueError(f"at most {MAX_EXPERTS} experts, got {e}")
     n_assign = n * k
-    y_dtype = x.dtype if k == 1 else torch.float32
+    out_dtype = out_dtype or x.dtype
+    y_dtype = out_dtype if k == 1 else torch.float32
     # Every (row, slot) is written exactly once by the down kernel: no zero fill needed.
     y = torch.empty(n_assign, d, dtype=y_dtype, device=x.device)  # (N*K, D)
     if n_assign > 0:
@@ -536,7 +540,7 @@ def moe_experts(
         gate = gate_val.reshape(-1).float().contiguous() if gate_val is not None else None
         _expert_down(h, order, offsets, gate, w2, b2, y, down)
     if k > 1:
-        y = y.view(n, k, d).sum(dim=1).to(x.dtype)  # (N, D)
+        y = y.view(n, k, d).sum(dim=1).to(out_dtype)  # (N, D)
     return y.view(*x.shape[:-1], d)
 
 

@@ -221,7 +221,7 @@ class FusedEncoder:
             if self._front_packed is None:
                 raise ValueError(f"the Triton conv front cannot compute {self.subsampling.kind}")
             x = conv_subsampling(feats, self._front_packed, self.cmvn_mean, self.cmvn_istd)
-            return F.linear(x, fr["proj_w"], fr["proj_b"])  # x: (B, T', F2 * C), f * C + c
+            return self._front_proj(x)  # x: (B, T', F2 * C), f * C + c
         x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.dtype).unsqueeze(1)  # (B,1,T,F)
         with torch.backends.cudnn.flags(
             enabled=True,
@@ -233,6 +233,17 @@ class FusedEncoder:
                 x = torch.relu_(conv(x))
         b, c, t, f = x.shape
         x = x.permute(0, 2, 3, 1).reshape(b, t, f * c)  # NHWC memory: a view, no copy
+        return self._front_proj(x)
+
+    def _front_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv front's projection (B, T', F2 * C) -> (B, T', D): in the residual dtype
+        straight from the GEMM accumulator when the GEMM epilogues feed the float32 stream
+        (``triton_add_ln``), else in the compute dtype."""
+        fr = self._front
+        if self.triton_add_ln and self.residual_dtype != self.dtype:
+            return linear_act(
+                x, fr["proj_w"], fr["proj_b"], "identity", out_dtype=self.residual_dtype
+            )
         return F.linear(x, fr["proj_w"], fr["proj_b"])
 
     def _w(self, t: torch.Tensor | None) -> torch.Tensor | None:

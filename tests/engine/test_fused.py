@@ -175,6 +175,37 @@ def test_linear_add_layer_norm_switch_equals_torch(shared, name, monkeypatch):
         torch.testing.assert_close(b[i, :n], a[i, :n], atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, default", [("bf16", True), ("fp16", False)])
+def test_fp32_branches_switch(shared, dtype, default, monkeypatch):
+    """fp32_branches (default on for bf16 only): the four residual-branch GEMMs of every block
+    and the front's projection hand float32 accumulators to the float32 stream. The output stays
+    within the half-precision bounds of the FP32 torch reference either way. (Its accuracy gain
+    is measured on the trained model, bench/precision_probe.py: on this small random fixture the
+    input roundings dominate.)"""
+    import speechrt.models.conformer.fused as fused_mod
+
+    kernel, calls = fused_mod.linear_fp32_out, []
+
+    def spy(*args, **kw):
+        calls.append(args[1].shape)
+        return kernel(*args, **kw)
+
+    monkeypatch.setattr(fused_mod, "linear_fp32_out", spy)
+    d, feats, lens = _load(shared, "conformer_ctc_aed")
+    ref = load_wenet(d, device=DEVICE, engine="torch")
+    fast = load_wenet(d, device=DEVICE, dtype=dtype, engine="fused", cuda_graphs=False)
+    enc = fast.engine.encoder
+    assert enc.fp32_branches is default
+    a, al = ref.encode(feats, lens)
+    for on in (True, False):
+        enc.fp32_branches = on
+        calls.clear()
+        b, _ = fast.encode(feats, lens)
+        assert b.dtype == torch.float32
+        assert len(calls) == (4 * len(enc.blocks) + 1 if on else 0)
+        _check_gates(a, al, b, dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_triton_add_ln_half_precision_graphs(shared, dtype):

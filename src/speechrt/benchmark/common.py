@@ -171,11 +171,10 @@ def kernel_profile(fn: Callable[[], object], warmup: int = 3) -> tuple[list[dict
     return rows, total / 1000.0
 
 
-ENCODER_SWITCHES = ("triton_front", "triton_ffn", "triton_add_ln")
-
-
 def set_encoder_options(encoder, options: tuple[tuple[str, bool], ...]) -> None:
     """Flip a fused encoder's kernel switches (before its first capture) for a comparison run."""
+    from speechrt.engine.runner import ENCODER_SWITCHES
+
     for name, value in options:
         if name not in ENCODER_SWITCHES:
             raise ValueError(f"unknown encoder switch '{name}' ({', '.join(ENCODER_SWITCHES)})")

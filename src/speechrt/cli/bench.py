@@ -64,8 +64,8 @@ def add_parser(sub) -> None:
         type=_switch,
         default=[],
         metavar="NAME=on|off",
-        help="conformer/moe: set a fused-encoder kernel switch (triton_front, triton_ffn, "
-        "triton_add_ln) before timing; repeatable",
+        help="conformer/moe: set a fused-encoder switch (triton_front, triton_ffn, "
+        "triton_add_ln, fp32_branches) before timing; repeatable",
     )
     m = p.add_argument_group("moe")
     m.add_argument(
@@ -111,7 +111,7 @@ def add_parser(sub) -> None:
 
 
 def _switch(text: str) -> tuple[str, bool]:
-    from speechrt.benchmark.common import ENCODER_SWITCHES
+    from speechrt.engine.runner import ENCODER_SWITCHES
 
     name, _, value = text.partition("=")
     if name not in ENCODER_SWITCHES or value not in ("on", "off"):

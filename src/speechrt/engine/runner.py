@@ -15,7 +15,8 @@ from speechrt.engine.memory import WeightReport, weight_report
 from speechrt.engine.precision import Precision
 from speechrt.models.conformer.fused import FusedDecoder, FusedEncoder
 
-_ENCODER_SWITCHES = ("triton_front", "triton_ffn", "triton_add_ln")
+# The fused encoder's kernel/precision switches (attributes, flipped before a capture).
+ENCODER_SWITCHES = ("triton_front", "triton_ffn", "triton_add_ln", "fp32_branches")
 
 
 class ConformerEngine:
@@ -74,7 +75,7 @@ class ConformerEngine:
         padded, plens = pad_to(feats.float(), lengths, bb, tt)
         self._chunk = (chunk_size, num_left_chunks)
         # The encoder's kernel switches are part of the key: flipping one captures anew.
-        switches = tuple(getattr(self.encoder, k, None) for k in _ENCODER_SWITCHES)
+        switches = tuple(getattr(self.encoder, k, None) for k in ENCODER_SWITCHES)
         key = (bb, tt, chunk_size, num_left_chunks, switches)
         out, out_lens = self._enc_graphs(key, padded, plens)
         t_out = int(self.net.encoder.subsampling.output_frames(t))

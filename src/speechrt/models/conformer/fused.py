@@ -34,6 +34,7 @@ from speechrt.kernels.conv_subsampling import (
     conv_subsampling,
     pack_conv_subsampling,
 )
+from speechrt.kernels.gemm import linear_fp32_out, mm_fp32_out_supported
 from speechrt.kernels.layer_norm import add_layer_norm, layer_norm
 from speechrt.kernels.linear_act import linear_act
 from speechrt.kernels.linear_add_layer_norm import MAX_D as ADD_LN_MAX_D
@@ -137,8 +138,15 @@ class FusedEncoder:
     (macaron FFN w2, attention output, conv pw2, FFN w2) as one
     :func:`~speechrt.kernels.linear_add_layer_norm.linear_add_layer_norm` kernel each (bias,
     scale, residual add and LayerNorm in the GEMM epilogue) when D <= 256 and the residual
-    stream is float32. Default off until measured on the H200; also an attribute. A subclass
-    that overrides :meth:`_second_ffn_add_ln` decides for its own second FFN.
+    stream is float32. Default off (slower than cuBLAS + ``add_layer_norm`` at K=2048 on the
+    H200, BENCHMARKS.md); also an attribute. A subclass that overrides
+    :meth:`_second_ffn_add_ln` decides for its own second FFN.
+
+    ``fp32_branches``: the GEMMs whose result joins the float32 residual stream (the four sites
+    above and the conv front's projection) store their float32 accumulators
+    (:func:`~speechrt.kernels.gemm.linear_fp32_out`, cuBLAS) instead of rounding the branch to
+    the compute dtype first. None (default): on for bfloat16, whose 8-bit output rounding moved
+    a trained model's text on 10 of 500 utterances (BENCHMARKS.md); also an attribute.
     """
 
     def __init__(
@@ -149,6 +157,7 @@ class FusedEncoder:
         triton_front: bool | None = None,
         triton_ffn: bool | None = None,
         triton_add_ln: bool = False,
+        fp32_branches: bool | None = None,
     ):
         reason = encoder_unsupported(enc.cfg)
         if reason:
@@ -163,6 +172,11 @@ class FusedEncoder:
             triton_ffn = enc.final_norm.weight.is_cuda and triton_importable()
         self.triton_ffn = triton_ffn
         self.triton_add_ln = triton_add_ln
+        if fp32_branches is None:
+            fp32_branches = self.dtype == torch.bfloat16 and self.residual_dtype == torch.float32
+        self.fp32_branches = fp32_branches
+        if fp32_branches and enc.final_norm.weight.is_cuda:
+            mm_fp32_out_supported(enc.final_norm.weight.device, self.dtype)  # probe before capture
         self.sub_dtype = self.dtype
         self._front = self._prepare_front(enc.subsampling) if enc.subsampling.convs else None
         self._front_packed, self.triton_front = self._pack_front(enc.subsampling, triton_front)
@@ -240,11 +254,19 @@ class FusedEncoder:
         straight from the GEMM accumulator when the GEMM epilogues feed the float32 stream
         (``triton_add_ln``), else in the compute dtype."""
         fr = self._front
-        if self.triton_add_ln and self.residual_dtype != self.dtype:
-            return linear_act(
-                x, fr["proj_w"], fr["proj_b"], "identity", out_dtype=self.residual_dtype
-            )
+        if self._branches_in_residual_dtype():
+            if self.triton_add_ln:
+                return linear_act(
+                    x, fr["proj_w"], fr["proj_b"], "identity", out_dtype=self.residual_dtype
+                )
+            return linear_fp32_out(x, fr["proj_w"]).add_(fr["proj_b"])
         return F.linear(x, fr["proj_w"], fr["proj_b"])
+
+    def _branches_in_residual_dtype(self) -> bool:
+        """Whether residual-branch GEMMs store their float32 accumulators (see the class doc)."""
+        return (self.triton_add_ln or self.fp32_branches) and (
+            self.residual_dtype == torch.float32 != self.dtype
+        )
 
     def _w(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().to(self.dtype).contiguous()
@@ -344,9 +366,11 @@ class FusedEncoder:
             return linear_add_layer_norm(
                 z, w, x, n.weight, n.bias, n.eps, bias=bias, scale=scale, y_dtype=y_dtype
             )
+        branch = linear_fp32_out(z, w) if self._branches_in_residual_dtype() else F.linear(z, w)
         return add_layer_norm(
-            F.linear(z, w), x, n.weight, n.bias, n.eps, x_bias=bias, scale=scale, y_dtype=y_dtype
-        )
+            branch, x, n.weight, n.bias, n.eps, x_bias=bias, scale=scale,
+            y_dtype=y_dtype or self.dtype,
+        )  # fmt: skip
 
     def _second_ffn_add_ln(self, x, y, blk, ff_context):
         """Second FFN of the block on norm_ff's output y (B, T', D), residual add (scale 0.5) and

@@ -133,7 +133,7 @@ class FusedMoEEncoder(FusedEncoder):
             blk["moe_w2"],
             blk["moe_b2"],
             blk["moe_activation"],
-            out_dtype=self.residual_dtype if self.triton_add_ln else None,
+            out_dtype=self.residual_dtype if self._branches_in_residual_dtype() else None,
         )
         return self._add_final_norm(out, x, blk)
 

@@ -7,10 +7,12 @@ set with CTC greedy search and attention rescoring (beam 10, ctc_weight 0.5, rev
 for each encoder variant, and compares every text with the FP32 engine's. Variants flip the fused
 encoder's switches before the first capture (the graph key includes them):
 
-* ``default``: the engine as loaded;
-* ``add_ln``: ``triton_add_ln`` on -- the residual-branch GEMMs (and the conv front's projection)
-  add their float32 accumulators to the float32 residual stream, with no half-precision
-  rounding of the branch output.
+* ``default``: the engine as loaded (``fp32_branches`` on for bf16, off for fp16);
+* ``branches_on`` / ``branches_off``: ``fp32_branches`` forced -- the residual-branch GEMMs
+  (and the conv front's projection) hand their float32 accumulators to the float32 residual
+  stream (cuBLAS), or round the branch to the compute dtype first;
+* ``add_ln``: ``triton_add_ln`` on (the same float32 branches, from the Triton GEMM + add +
+  LayerNorm kernel).
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ METHODS = {
     "ctc_greedy_search": {},
     "attention_rescoring": {"ctc_weight": 0.5, "reverse_weight": 0.3},
 }
-VARIANTS = {"default": {}, "add_ln": {"triton_add_ln": True}}
+VARIANTS = {
+    "default": {},
+    "branches_on": {"fp32_branches": True},
+    "branches_off": {"fp32_branches": False},
+    "add_ln": {"triton_add_ln": True},
+}
 
 
 def _read(path: str) -> list[list[str]]:
@@ -50,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", required=True)
     p.add_argument("--model", default=None)
     p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--variants", nargs="+", default=["default", "branches_on", "branches_off"],
+        choices=list(VARIANTS),
+    )  # fmt: skip
     p.add_argument("--device", default="cuda")
     p.add_argument("--limit", type=int, default=0, help="first N utterances only (0: all)")
     p.add_argument("--out", default=None)

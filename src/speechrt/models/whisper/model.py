@@ -17,7 +17,9 @@ keeps the residual stream in FP32 and fuses each residual add with the next Laye
 (``kernels.layer_norm``), projects q/k/v with one GEMM, and in steps attends with
 ``kernels.decode_attention``: self-attention writes the new key/value and reads exactly
 ``positions + 1`` cache entries (``kv_len`` is then irrelevant), cross-attention reads the audio's
-K/V once per group of rows.
+K/V once per group of rows. A kernel-path step launches 8 kernels per layer: its GEMMs are
+``kernels.skinny_linear`` calls that take the LayerNorm in their prologue and the residual add in
+their epilogue, and the final LayerNorm + logits is one more.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def _add_norm_fused(branch: Tensor, residual: Tensor, norm: LayerNorm) -> tuple[
     from speechrt.kernels.layer_norm import add_layer_norm
 
     return add_layer_norm(branch, residual, norm.weight, norm.bias, norm.eps, h_out=residual)
+
+
+def _ln(norm: LayerNorm) -> tuple[Tensor, Tensor, float]:
+    """(weight, bias, eps) of a LayerNorm, for a ``skinny_linear`` prologue."""
+    return norm.weight, norm.bias, norm.eps
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
@@ -262,6 +269,33 @@ class DecoderLayer(nn.Module):
         x, h = _add_norm_fused(self._cross_attend(h, p), x, self.ffn_norm)
         return _add_norm_fused(self.ffn(h), x, next_norm)
 
+    def step_fused(self, x: Tensor, p: _Pass) -> None:
+        """Kernel-path step, 8 launches: FP32 residual x (B, 1, D) updated in place.
+
+        Each LayerNorm runs in the prologue of the GEMM that reads it, each residual add in the
+        epilogue of the GEMM that produces it (``kernels.skinny_linear``); the self-attention
+        kernel writes the new k/v at ``positions`` and reads ``lengths`` cache entries."""
+        from speechrt.kernels.decode_attention import decode_attention
+        from speechrt.kernels.skinny_linear import skinny_linear
+
+        a, c, f = self.self_attn, self.cross_attn, self.ffn
+        b, _, d = x.shape
+        rows = x.view(b, d)  # (B, D) FP32 residual stream
+        qkv = skinny_linear(rows, *a.packed_qkv(), ln=_ln(self.self_attn_norm))  # (B, 3D)
+        q, k, v = (t.view(b, a.n_head, -1) for t in qkv.split(d, dim=-1))  # (B, H, Dh) each
+        ck, cv = self.cache.k[:b], self.cache.v[:b]  # (B, H, L, Dh)
+        out = decode_attention(q, ck, cv, p.lengths, k_new=k, v_new=v, num_splits=1)
+        skinny_linear(out.view(b, d), a.wo.weight, a.wo.bias, residual=rows)
+        q = skinny_linear(rows, c.wq.weight, c.wq.bias, ln=_ln(self.cross_attn_norm))
+        n = p.n_audio or self.n_audio
+        ck, cv = self.cross_cache.k[:n], self.cross_cache.v[:n]  # (A, H, S, Dh)
+        out = decode_attention(q.view(b, c.n_head, -1), ck, cv, None, group=b // n)
+        skinny_linear(out.view(b, d), c.wo.weight, c.wo.bias, residual=rows)
+        hid = skinny_linear(
+            rows, f.fc1.weight, f.fc1.bias, ln=_ln(self.ffn_norm), activation="gelu"
+        )  # (B, 4D)
+        skinny_linear(hid, f.fc2.weight, f.fc2.bias, residual=rows)
+
     def _self_attend(self, h: Tensor, p: _Pass) -> Tensor:
         if p.fused and p.kind == "step":
             return self._self_attend_step_kernel(h, p)
@@ -338,7 +372,11 @@ class DecoderLayer(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    """Token + learned position embedding, cross-attending blocks, LN, tied output projection."""
+    """Token + learned position embedding, cross-attending blocks, LN, tied output projection.
+
+    ``skinny_step`` (default True): kernel-path steps run :meth:`DecoderLayer.step_fused`;
+    False keeps the GEMM + fused add/LayerNorm flow of prefill (benchmarks compare the two; set
+    it before CUDA graphs are captured)."""
 
     def __init__(self, dims: WhisperDims) -> None:
         super().__init__()
@@ -350,10 +388,13 @@ class TextDecoder(nn.Module):
             DecoderLayer(d, dims.n_text_head) for _ in range(dims.n_text_layer)
         )
         self.norm = LayerNorm(d)
+        self.skinny_step = True
 
     def run(self, x: Tensor, p: _Pass) -> Tensor:
         """Embedded tokens (B, T, D) -> logits (B, T, V) in FP32."""
         x = x.to(self.tok_emb.weight.dtype)
+        if p.fused and p.kind == "step" and self.skinny_step:
+            return self._step_fused(x, p)
         if p.fused:
             x = self._layers_fused(x, p)
         else:
@@ -370,6 +411,16 @@ class TextDecoder(nn.Module):
         for layer, next_norm in zip(self.layers, norms):
             x, h = layer.forward_fused(x, h, p, next_norm)
         return h
+
+    def _step_fused(self, x: Tensor, p: _Pass) -> Tensor:
+        """Kernel-path step: embedded tokens (B, 1, D) -> logits (B, 1, V) FP32; the residual
+        stream is the only state between layers, the final LayerNorm is the logits' prologue."""
+        from speechrt.kernels.skinny_linear import skinny_linear
+
+        x = x.float().contiguous()  # (B, 1, D) FP32 residual, updated in place
+        for layer in self.layers:
+            layer.step_fused(x, p)
+        return skinny_linear(x, self.tok_emb.weight, ln=_ln(self.norm), out_dtype=torch.float32)
 
     def embed(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """tokens (B, T) at positions [0, T), or (B, 1) at ``positions`` (B,) -> (B, T, D)."""

@@ -1,0 +1,372 @@
+"""Skinny linear: ``y = act(LN(x) @ W^T + b)`` for a few rows (decode steps), bandwidth-bound.
+
+A decode step multiplies 1..16 rows by each weight matrix, so its GEMMs only stream weights:
+the time is the weight bytes over memory bandwidth, plus launch overhead. This kernel streams
+every weight row once and fuses what a decoder layer puts around its GEMMs, so a pre-LN
+transformer layer needs one launch per GEMM:
+
+* prologue ``ln``: LayerNorm of the input rows with float32 statistics over the full row (x is
+  then the float32 residual stream); each K block is normalised on the fly and cast to the
+  weight dtype before the multiply, as a separate LayerNorm kernel writing that dtype would;
+* epilogue: bias, activation (``identity`` or exact erf ``gelu``) in float32, then either a
+  store in ``out_dtype`` or ``residual += y`` in place on a float32 (M, N) residual stream.
+
+Program ``(n, m)`` owns ``BLOCK_N`` output columns of ``BLOCK_M`` rows and walks K: with few
+rows (``use_dot`` off) a broadcast multiply and ``tl.sum`` over K on CUDA cores, with more rows a
+``tl.dot`` with the rows padded to 16. Small ``BLOCK_N`` gives enough programs to fill the SMs
+without split-K (results are deterministic: no atomics). Accumulation is float32 throughout.
+
+``W`` is read in ``nn.Linear`` layout (N, K). :func:`skinny_linear_ref` is the plain-torch
+reference that tests and benchmarks import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels._activations import activate
+from speechrt.kernels._utils import (
+    MISSING_TL,
+    MISSING_TRITON,
+    as_rows,
+    cdiv,
+    check_float,
+    check_launch,
+    dot_precision,
+    interpreting,
+    next_power_of_2,
+    out_or_empty,
+    sm_count,
+)
+
+try:  # Triton is optional: the reference works without it, the launcher needs it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton, tl = MISSING_TRITON, MISSING_TL
+
+__all__ = [
+    "ACTIVATIONS",
+    "CONFIGS",
+    "SkinnyConfig",
+    "default_config",
+    "skinny_linear",
+    "skinny_linear_ref",
+]
+
+# Epilogue activations (codes of speechrt.kernels._activations.activate).
+ACTIVATIONS = {"identity": 0, "gelu": 3}
+
+LnParams = tuple[torch.Tensor | None, torch.Tensor | None, float]
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Launch configuration.
+
+    use_dot: ``tl.dot`` with the rows padded to 16 (else broadcast multiply + ``tl.sum``);
+    block_m: at most this many rows per program (the launcher uses the next power of two of
+    the row count below it, and at least 16 with ``use_dot``); block_n: output columns per
+    program; block_k: K elements per loop step.
+    """
+
+    use_dot: bool
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        kind = "dot" if self.use_dot else "sum"
+        tiles = f"m{self.block_m}n{self.block_n}k{self.block_k}"
+        return f"{kind}_{tiles}w{self.num_warps}s{self.num_stages}"
+
+
+# Candidates for bench/skinny_micro.py (float16/bfloat16 on an H200, Whisper decode shapes).
+CONFIGS: tuple[SkinnyConfig, ...] = (
+    SkinnyConfig(False, 1, 8, 512, 4, 3),
+    SkinnyConfig(False, 1, 16, 256, 4, 3),
+    SkinnyConfig(False, 1, 32, 256, 4, 3),
+    SkinnyConfig(False, 1, 64, 128, 4, 3),
+    SkinnyConfig(False, 4, 8, 256, 4, 3),
+    SkinnyConfig(False, 4, 16, 128, 4, 3),
+    SkinnyConfig(True, 16, 16, 256, 4, 3),
+    SkinnyConfig(True, 16, 32, 128, 4, 3),
+    SkinnyConfig(True, 16, 64, 128, 4, 3),
+    SkinnyConfig(True, 16, 32, 256, 8, 3),
+)
+
+
+# fmt: off
+@triton.jit
+def _row_stats(x_rows, row_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 mean and 1/std of BLOCK_M rows of K elements (two passes over the rows)."""
+    total = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (ks < K)[None, :]
+        total += tl.load(x_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(total, axis=1) / K
+    total = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] & (ks < K)[None, :]
+        xk = tl.load(x_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        xc = tl.where(mask, xk - mean[:, None], 0.0)
+        total += xc * xc
+    var = tl.sum(total, axis=1) / K
+    return mean, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def _skinny_linear_kernel(
+    X,  # (M, K), row stride stride_xm, unit column stride
+    W,  # (N, K), row stride stride_wn, unit column stride
+    BIAS,  # (N,) (HAS_BIAS)
+    LN_W, LN_B,  # (K,) float32 LayerNorm affine (HAS_LN_W / HAS_LN_B)
+    R,  # (M, N) float32 residual, row stride stride_rm, updated in place (HAS_RESIDUAL)
+    Y,  # (M, N) output, row stride stride_ym (not HAS_RESIDUAL)
+    M, N, K,
+    stride_xm, stride_wn, stride_rm, stride_ym,
+    eps,
+    HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_W: tl.constexpr,
+    HAS_LN_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_xm  # (BLOCK_M, 1)
+    w_rows = W + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
+    if HAS_LN:
+        mean, rstd = _row_stats(x_rows, row_ok, K, eps, BLOCK_M, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_LN:  # normalise in float32, round to the weight dtype (masked K: w is 0)
+            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            if HAS_LN_W:
+                a *= tl.load(LN_W + ks, mask=k_ok, other=0.0)[None, :]
+            if HAS_LN_B:
+                a += tl.load(LN_B + ks, mask=k_ok, other=0.0)[None, :]
+            a = a.to(W.dtype.element_ty)
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_DOT:  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        else:  # (BLOCK_M, 1, BLOCK_K) * (1, BLOCK_N, BLOCK_K) summed over K
+            prod = a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            acc += tl.sum(prod, axis=2)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = activate(acc, ACT)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_RESIDUAL:
+        r = R + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :]
+        tl.store(r, tl.load(r, mask=mask, other=0.0) + acc, mask=mask)
+    else:
+        y = Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+        tl.store(y, acc.to(Y.dtype.element_ty), mask=mask)
+# fmt: on
+
+
+def _fill_columns(n: int, widths: tuple[int, ...], programs: int) -> int:
+    """The widest of ``widths`` (descending) that still gives >= ``programs`` column blocks."""
+    for width in widths:
+        if cdiv(n, width) >= programs:
+            return width
+    return widths[-1]
+
+
+def default_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig:
+    """Launch configuration for (m rows) x (n, k) weights.
+
+    At least one program per SM (no split-K, so N alone sets the program count): the widest
+    BLOCK_N that still gives that many column blocks. Up to 4 rows: broadcast multiply + sum
+    (BLOCK_N down to 8, which tl.dot cannot do; about 8K products per loop step); more rows:
+    tl.dot with the rows padded to 16 (BLOCK_N >= 16). An untuned starting point:
+    bench/skinny_micro.py measures it against every entry of :data:`CONFIGS` on the GPU.
+    """
+    if interpreting():  # few, large programs: the interpreter's cost is per program and op
+        bk = max(16, min(128, next_power_of_2(k)))
+        bn = max(16, min(next_power_of_2(n), 262144 // bk))
+        bm = max(16, min(64, next_power_of_2(m)))
+        return SkinnyConfig(m > 1, bm, bn, bk, 4, 1)
+    sms = sm_count(device) if device.type == "cuda" else 132
+    if m <= 4:
+        bm = next_power_of_2(m)
+        bn = _fill_columns(n, (64, 32, 16, 8), sms)
+        bk = max(64, min(512, 8192 // (bm * bn), next_power_of_2(k)))
+        return SkinnyConfig(False, bm, bn, bk, 4, 3)
+    bn = _fill_columns(n, (64, 32, 16), sms)
+    return SkinnyConfig(True, 16, bn, 256 if bn <= 32 else 128, 4, 3)
+
+
+def _check_ln(ln: LnParams, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    if not isinstance(ln, tuple) or len(ln) != 3:
+        raise ValueError("ln must be a (weight, bias, eps) tuple")
+    ln_w, ln_b, eps = ln
+    for name, p in (("ln weight", ln_w), ("ln bias", ln_b)):
+        if p is None:
+            continue
+        if tuple(p.shape) != (k,) or p.dtype != torch.float32 or p.stride(0) != 1:
+            raise ValueError(
+                f"{name} must be a contiguous ({k},) float32 tensor, got {tuple(p.shape)} {p.dtype}"
+            )
+    return ln_w, ln_b, float(eps)
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ln: LnParams | None,
+    activation: str,
+) -> None:
+    if activation not in ACTIVATIONS:
+        raise UnsupportedOptionError(
+            f"activation '{activation}' has no skinny linear kernel ({', '.join(ACTIVATIONS)})"
+        )
+    check_float("x", x)
+    check_float("weight", weight)
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight must be (N, {k}), got {tuple(weight.shape)}")
+    if ln is None and x.dtype != weight.dtype:
+        raise ValueError(f"weight is {weight.dtype} but x is {x.dtype} (float32 x needs ln)")
+    n = weight.shape[0]
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.stride(0) != 1):
+        raise ValueError(f"bias must be a contiguous ({n},) tensor, got {tuple(bias.shape)}")
+
+
+def _check_residual(residual: torch.Tensor, x: torch.Tensor, n: int) -> None:
+    shape = (*x.shape[:-1], n)
+    if tuple(residual.shape) != shape or residual.dtype != torch.float32:
+        raise ValueError(
+            f"residual must be a {shape} float32 tensor, "
+            f"got {tuple(residual.shape)} {residual.dtype}"
+        )
+    if residual.numel() and residual.reshape(-1, n).stride(-1) != 1:
+        raise ValueError("residual must have a unit stride on its last dim")
+    if x.untyped_storage().data_ptr() == residual.untyped_storage().data_ptr():
+        raise ValueError("x must not share memory with residual (it is updated in place)")
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ln: LnParams | None = None,
+    activation: str = "identity",
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: SkinnyConfig | None = None,
+) -> torch.Tensor:
+    """``act(LN(x) @ weight^T + bias)``, stored or added to ``residual`` in place.
+
+    Args:
+        x: (..., K) in weight's dtype, or any float dtype (float32 residual stream) with ``ln``.
+        weight: (N, K) float32/float16/bfloat16 (``nn.Linear`` layout); bias: (N,) or None.
+        ln: optional (ln_weight, ln_bias, eps), weight/bias (K,) float32 or None: x's rows are
+            normalised with float32 statistics and cast to weight's dtype before the multiply.
+        activation: "identity" or "gelu" (exact erf form, as ``F.gelu``), in float32.
+        residual: optional float32 (..., N) tensor updated in place (``residual += y``) and
+            returned; it must not share memory with x.
+        out: optional contiguous (..., N) output of ``out_dtype`` (not with residual).
+        out_dtype: dtype of the output (default weight's; e.g. float32 logits).
+        config: launch configuration (benchmarks sweep :data:`CONFIGS`); None picks one.
+    Returns:
+        (..., N): residual, or y in ``out_dtype``.
+    """
+    _check_inputs(x, weight, bias, ln, activation)
+    n, k = weight.shape
+    ln_w, ln_b, eps = _check_ln(ln, k) if ln is not None else (None, None, 0.0)
+    x2d = as_rows(x)  # (M, K)
+    m = x2d.shape[0]
+    if residual is not None:
+        if out is not None or out_dtype is not None:
+            raise ValueError("out/out_dtype and residual are exclusive (residual is the output)")
+        _check_residual(residual, x, n)
+        y = residual
+    else:
+        out_dtype = out_dtype or weight.dtype
+        if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+        y = out_or_empty(out, (*x.shape[:-1], n), out_dtype, x.device)
+    tensors = (x2d, weight, bias, ln_w, ln_b, residual)
+    check_launch(_skinny_linear_kernel, *(t for t in tensors if t is not None))
+    if m == 0 or n == 0:
+        return y
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    y2d = y.view(-1, n)  # (M, N)
+    cfg = config or default_config(m, n, k, x.device)
+    block_m = min(cfg.block_m, next_power_of_2(m))
+    block_m = max(16, block_m) if cfg.use_dot else block_m
+    grid = (cdiv(n, cfg.block_n), cdiv(m, block_m))
+    dummy = weight  # never read: its HAS_* flag is off
+    # fmt: off
+    _skinny_linear_kernel[grid](
+        x2d, weight, bias if bias is not None else dummy,
+        ln_w if ln_w is not None else dummy, ln_b if ln_b is not None else dummy,
+        y2d if residual is not None else dummy, y2d,
+        m, n, k,
+        x2d.stride(0), weight.stride(0), y2d.stride(0), y2d.stride(0),
+        eps,
+        HAS_BIAS=bias is not None, HAS_LN=ln is not None, HAS_LN_W=ln_w is not None,
+        HAS_LN_B=ln_b is not None, HAS_RESIDUAL=residual is not None,
+        ACT=ACTIVATIONS[activation], USE_DOT=cfg.use_dot, **dot_precision(weight.dtype),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # fmt: on
+    return y
+
+
+def skinny_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ln: LnParams | None = None,
+    activation: str = "identity",
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Plain torch :func:`skinny_linear`: ``F.layer_norm`` in float32 cast to weight's dtype,
+    ``F.linear``, ``F.gelu``, then a store or ``residual += y`` (in place, returned).
+
+    The GEMM, bias and activation run in weight's dtype (PyTorch's same-dtype result), or in
+    float32 with ``upcast`` (the kernel's math up to summation order; the LayerNorm output is
+    still rounded to weight's dtype, as the kernel defines). x (..., K), weight (N, K).
+    """
+    if activation not in ACTIVATIONS:
+        raise UnsupportedOptionError(f"unknown activation '{activation}'")
+    h, dtype = x, out_dtype or weight.dtype
+    if ln is not None:
+        ln_w, ln_b, eps = ln
+        h = F.layer_norm(x.float(), (x.shape[-1],), ln_w, ln_b, eps).to(weight.dtype)
+    if upcast:
+        h, weight = h.float(), weight.float()
+        bias = bias.float() if bias is not None else None
+    y = F.linear(h, weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    if residual is not None:
+        return residual.add_(y.float())
+    y = y.to(dtype)
+    return out.copy_(y) if out is not None else y

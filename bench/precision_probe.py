@@ -7,10 +7,10 @@ set with CTC greedy search and attention rescoring (beam 10, ctc_weight 0.5, rev
 for each encoder variant, and compares every text with the FP32 engine's. Variants flip the fused
 encoder's switches before the first capture (the graph key includes them):
 
-* ``default``: the engine as loaded (``fp32_branches`` on for bf16, off for fp16);
+* ``default``: the engine as loaded (for bf16: ``triton_add_ln``; for fp16: neither);
 * ``branches_on`` / ``branches_off``: ``fp32_branches`` forced -- the residual-branch GEMMs
   (and the conv front's projection) hand their float32 accumulators to the float32 residual
-  stream (cuBLAS), or round the branch to the compute dtype first;
+  stream (cuBLAS), or round the branch to the compute dtype first (``triton_add_ln`` off);
 * ``add_ln``: ``triton_add_ln`` on (the same float32 branches, from the Triton GEMM + add +
   LayerNorm kernel).
 """
@@ -30,8 +30,8 @@ METHODS = {
 }
 VARIANTS = {
     "default": {},
-    "branches_on": {"fp32_branches": True},
-    "branches_off": {"fp32_branches": False},
+    "branches_on": {"triton_add_ln": False, "fp32_branches": True},
+    "branches_off": {"triton_add_ln": False, "fp32_branches": False},
     "add_ln": {"triton_add_ln": True},
 }
 

@@ -138,8 +138,10 @@ class FusedEncoder:
     (macaron FFN w2, attention output, conv pw2, FFN w2) as one
     :func:`~speechrt.kernels.linear_add_layer_norm.linear_add_layer_norm` kernel each (bias,
     scale, residual add and LayerNorm in the GEMM epilogue) when D <= 256 and the residual
-    stream is float32. Default off (slower than cuBLAS + ``add_layer_norm`` at K=2048 on the
-    H200, BENCHMARKS.md); also an attribute. A subclass that overrides
+    stream is float32. None (default): on for bfloat16 CUDA weights only -- it is slower than
+    cuBLAS + ``add_layer_norm`` at K=2048 (0.5-0.8x on the H200), but the trained default model
+    kept its FP32 text on 495/500 utterances this way vs 493 with cuBLAS float32 outputs and 490
+    with rounded branches (BENCHMARKS.md); also an attribute. A subclass that overrides
     :meth:`_second_ffn_add_ln` decides for its own second FFN.
 
     ``fp32_branches``: the GEMMs whose result joins the float32 residual stream (the four sites
@@ -156,7 +158,7 @@ class FusedEncoder:
         pad_mode: str = "zero",
         triton_front: bool | None = None,
         triton_ffn: bool | None = None,
-        triton_add_ln: bool = False,
+        triton_add_ln: bool | None = None,
         fp32_branches: bool | None = None,
     ):
         reason = encoder_unsupported(enc.cfg)
@@ -171,6 +173,14 @@ class FusedEncoder:
         if triton_ffn is None:  # measured faster than cuBLAS + a SiLU kernel on the H200
             triton_ffn = enc.final_norm.weight.is_cuda and triton_importable()
         self.triton_ffn = triton_ffn
+        if triton_add_ln is None:
+            triton_add_ln = (
+                self.dtype == torch.bfloat16
+                and self.residual_dtype == torch.float32
+                and self.cfg.output_size <= ADD_LN_MAX_D
+                and enc.final_norm.weight.is_cuda
+                and triton_importable()
+            )
         self.triton_add_ln = triton_add_ln
         if fp32_branches is None:
             fp32_branches = self.dtype == torch.bfloat16 and self.residual_dtype == torch.float32

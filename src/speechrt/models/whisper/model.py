@@ -374,9 +374,13 @@ class DecoderLayer(nn.Module):
 class TextDecoder(nn.Module):
     """Token + learned position embedding, cross-attending blocks, LN, tied output projection.
 
-    ``skinny_step`` (default True): kernel-path steps run :meth:`DecoderLayer.step_fused`;
-    False keeps the GEMM + fused add/LayerNorm flow of prefill (benchmarks compare the two; set
-    it before CUDA graphs are captured)."""
+    ``skinny_step`` (default False): kernel-path steps run :meth:`DecoderLayer.step_fused`
+    (8 launches per layer: ``kernels.skinny_linear`` with the LayerNorm prologue / residual
+    epilogue around decode attention) instead of the GEMM + fused add/LayerNorm flow of prefill.
+    Off by default: on the H200 it measured slower for a large-v3 step (2.49 vs 2.31 ms at B=1,
+    3.82 vs 3.44 at B=16, 7.7 vs 2.5 at B=4; BENCHMARKS.md): the decode GEMVs are latency-bound
+    at ~1 TB/s whoever launches them, so fewer launches alone did not pay. Set it before CUDA
+    graphs are captured."""
 
     def __init__(self, dims: WhisperDims) -> None:
         super().__init__()
@@ -388,7 +392,7 @@ class TextDecoder(nn.Module):
             DecoderLayer(d, dims.n_text_head) for _ in range(dims.n_text_layer)
         )
         self.norm = LayerNorm(d)
-        self.skinny_step = True
+        self.skinny_step = False
 
     def run(self, x: Tensor, p: _Pass) -> Tensor:
         """Embedded tokens (B, T, D) -> logits (B, T, V) in FP32."""

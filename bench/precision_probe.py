@@ -12,7 +12,9 @@ encoder's switches before the first capture (the graph key includes them):
   (and the conv front's projection) hand their float32 accumulators to the float32 residual
   stream (cuBLAS), or round the branch to the compute dtype first (``triton_add_ln`` off);
 * ``add_ln``: ``triton_add_ln`` on (the same float32 branches, from the Triton GEMM + add +
-  LayerNorm kernel).
+  LayerNorm kernel);
+* ``no_tf32_attention``: attention's products on bfloat16-rounded ``k + p`` and probabilities
+  (``tf32_attention`` off; default on for bf16).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from speechrt.benchmark.common import environment, markdown_table, sync_cuda, wr
 
 METHODS = {
     "ctc_greedy_search": {},
+    "ctc_prefix_beam_search": {},
     "attention_rescoring": {"ctc_weight": 0.5, "reverse_weight": 0.3},
 }
 VARIANTS = {
@@ -33,6 +36,7 @@ VARIANTS = {
     "branches_on": {"triton_add_ln": False, "fp32_branches": True},
     "branches_off": {"triton_add_ln": False, "fp32_branches": False},
     "add_ln": {"triton_add_ln": True},
+    "no_tf32_attention": {"tf32_attention": False},
 }
 
 

@@ -191,6 +191,28 @@ def test_half_precision_error_bound(device, dtype, op):
     assert err <= 2 * torch_err + 1e-3, (err, torch_err)
 
 
+def test_tf32_dots_keep_bfloat16_probabilities_finer(device):
+    """tf32_dots: k + p and the probabilities are not rounded to bfloat16 before the products,
+    so the output is closer to the exact result of the same bfloat16 inputs (the rest of the
+    error is the output's own rounding); float32 inputs are unaffected."""
+    b, t, h, d = 2, 48, 2, 32
+    q, k, v = _qkv(b, t, t, h, d, torch.bfloat16, device, seed=11)
+    p, u, bv = _pos(t, h, d, torch.bfloat16, device, seed=11)
+    key_len = _lengths([t, 29], device)
+    args = (q, k, v, p, u, bv, key_len)
+    exact = rel_pos_attention_ref(*args, upcast=True).float()
+    errors = {}
+    for tf32 in (False, True):
+        out = rel_pos_attention(*args, tf32_dots=tf32)
+        assert out.dtype == torch.bfloat16
+        errors[tf32] = (out.float() - exact).abs().mean().item()
+    assert errors[True] < 0.75 * errors[False], errors
+    args32 = tuple(x.float() if x.is_floating_point() else x for x in args)
+    torch.testing.assert_close(
+        rel_pos_attention(*args32, tf32_dots=True), rel_pos_attention(*args32)
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Every output element written; padded keys never read
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,13 @@ from speechrt.engine.precision import Precision
 from speechrt.models.conformer.fused import FusedDecoder, FusedEncoder
 
 # The fused encoder's kernel/precision switches (attributes, flipped before a capture).
-ENCODER_SWITCHES = ("triton_front", "triton_ffn", "triton_add_ln", "fp32_branches")
+ENCODER_SWITCHES = (
+    "triton_front",
+    "triton_ffn",
+    "triton_add_ln",
+    "fp32_branches",
+    "tf32_attention",
+)
 
 
 class ConformerEngine:

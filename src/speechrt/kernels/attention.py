@@ -94,6 +94,15 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
+@triton.jit
+def _dot_tf32(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b on float32 operands in TF32 (10 mantissa bits per operand, fp32 range);
+    IEEE float32 under the interpreter (UPCAST)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+
+
 # fmt: off
 @triton.jit
 def _attention_fwd_kernel(
@@ -116,6 +125,7 @@ def _attention_fwd_kernel(
     CAUSAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    TF32_DOTS: tl.constexpr,
 ):
     # fmt: on
     """One (query block, batch*head) program; online softmax over the visible key tiles.
@@ -180,9 +190,12 @@ def _attention_fwd_kernel(
             p = tl.load(P + h * stride_ph + offs_n[:, None] * stride_pt + offs_d[None, :],
                         mask=kd_ok, other=0.0).to(tl.float32)
             k32 = k.to(tl.float32)
-            k_eff = (k32 + p).to(q.dtype)  # k' = k + p   (BLOCK_N, BLOCK_D)
+            k_eff = k32 + p  # k' = k + p   (BLOCK_N, BLOCK_D) float32
             c = tl.sum(k32 * bias_u[None, :] + p * bias_v[None, :], axis=1)  # (BLOCK_N,)
-            s = _dot(q, tl.trans(k_eff), zero_s, UPCAST_DOT, INPUT_PRECISION)
+            if TF32_DOTS:
+                s = _dot_tf32(q, tl.trans(k_eff), zero_s, UPCAST_DOT)
+            else:
+                s = _dot(q, tl.trans(k_eff.to(q.dtype)), zero_s, UPCAST_DOT, INPUT_PRECISION)
             s = (s + c[None, :]) * qk_scale
         else:
             s = _dot(q, tl.trans(k), zero_s, UPCAST_DOT, INPUT_PRECISION) * qk_scale
@@ -204,7 +217,10 @@ def _attention_fwd_kernel(
         v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
                     mask=kd_ok, other=0.0)
         acc = acc * alpha[:, None]
-        acc = _dot(prob.to(v.dtype), v, acc, UPCAST_DOT, INPUT_PRECISION)
+        if TF32_DOTS:
+            acc = _dot_tf32(prob, v, acc, UPCAST_DOT)
+        else:
+            acc = _dot(prob.to(v.dtype), v, acc, UPCAST_DOT, INPUT_PRECISION)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # fully masked rows: acc == 0 -> output 0
@@ -274,7 +290,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torc
             pos: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, *, scale: float | None,
             chunk_size: int, num_left_chunks: int, q_offset: int, causal: bool,
             allow_tf32: bool, config: AttentionConfig | None,
-            out: torch.Tensor | None) -> torch.Tensor:
+            out: torch.Tensor | None, tf32_dots: bool = False) -> torch.Tensor:
     """Shared launcher; ``pos`` is ``(p, pos_bias_u, pos_bias_v)`` or None (no position terms)."""
     _check_inputs(q, k, v, key_lengths)
     if q_offset < 0:
@@ -318,7 +334,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torc
         LEFT_LIMIT=chunk_size > 0 and num_left_chunks >= 0,
         CAUSAL=causal,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 and not allow_tf32 else "tf32",
-        UPCAST_DOT=q.dtype == torch.bfloat16 and interpret,
+        UPCAST_DOT=(q.dtype == torch.bfloat16 or tf32_dots) and interpret,
+        TF32_DOTS=tf32_dots and q.dtype != torch.float32,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -354,6 +371,7 @@ def rel_pos_attention(
     num_left_chunks: int = -1,
     key_offset: int = 0,
     allow_tf32: bool = False,
+    tf32_dots: bool = False,
     config: AttentionConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -374,6 +392,9 @@ def rel_pos_attention(
         key_offset: number of keys before the first query (streaming with a key cache). With
             ``chunk_size == 0`` every valid key is visible and this has no effect.
         allow_tf32: use TF32 tensor cores for float32 inputs (default exact IEEE).
+        tf32_dots: half inputs (meant for bfloat16): both products run on float32 operands in
+            TF32, so ``k + p`` and the softmax probabilities keep 10 mantissa bits instead of
+            being rounded to the input dtype (bfloat16: 7) -- about twice the dot cost.
         config: tile sizes / warps / stages; default a cached heuristic per shape.
         out: optional contiguous (B, Tq, H, Dk) output buffer (dtype of q), written in place.
 
@@ -383,7 +404,8 @@ def rel_pos_attention(
     _check_pos(p, pos_bias_u, pos_bias_v, k)
     return _launch(q, k, v, key_lengths, (p, pos_bias_u, pos_bias_v), scale=scale,
                    chunk_size=chunk_size, num_left_chunks=num_left_chunks, q_offset=key_offset,
-                   causal=False, allow_tf32=allow_tf32, config=config, out=out)
+                   causal=False, allow_tf32=allow_tf32, config=config, out=out,
+                   tf32_dots=tf32_dots)
 
 
 def attention(

@@ -149,6 +149,10 @@ class FusedEncoder:
     (:func:`~speechrt.kernels.gemm.linear_fp32_out`, cuBLAS) instead of rounding the branch to
     the compute dtype first. None (default): on for bfloat16, whose 8-bit output rounding moved
     a trained model's text on 10 of 500 utterances (BENCHMARKS.md); also an attribute.
+
+    ``tf32_attention``: self-attention's two products run on float32 operands in TF32
+    (``rel_pos_attention(tf32_dots=True)``: ``k + p`` and the softmax probabilities keep 10
+    mantissa bits instead of being rounded to bfloat16's 7). None (default): on for bfloat16.
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class FusedEncoder:
         triton_ffn: bool | None = None,
         triton_add_ln: bool | None = None,
         fp32_branches: bool | None = None,
+        tf32_attention: bool | None = None,
     ):
         reason = encoder_unsupported(enc.cfg)
         if reason:
@@ -185,6 +190,9 @@ class FusedEncoder:
         if fp32_branches is None:
             fp32_branches = self.dtype == torch.bfloat16 and self.residual_dtype == torch.float32
         self.fp32_branches = fp32_branches
+        if tf32_attention is None:
+            tf32_attention = self.dtype == torch.bfloat16
+        self.tf32_attention = tf32_attention
         if fp32_branches and enc.final_norm.weight.is_cuda:
             mm_fp32_out_supported(enc.final_norm.weight.device, self.dtype)  # probe before capture
         self.sub_dtype = self.dtype
@@ -418,6 +426,7 @@ class FusedEncoder:
             lengths,
             chunk_size=chunk,
             num_left_chunks=left,
+            tf32_dots=self.tf32_attention,
         )
         att = att.view(b, t, d)
         x, y = self._linear_add_ln(att, blk["out_w"], x, blk["norm_conv"], blk["out_b"])

@@ -13,8 +13,8 @@ encoder's switches before the first capture (the graph key includes them):
   stream (cuBLAS), or round the branch to the compute dtype first (``triton_add_ln`` off);
 * ``add_ln``: ``triton_add_ln`` on (the same float32 branches, from the Triton GEMM + add +
   LayerNorm kernel);
-* ``no_tf32_attention``: attention's products on bfloat16-rounded ``k + p`` and probabilities
-  (``tf32_attention`` off; default on for bf16).
+* ``tf32_attention``: attention's products in TF32 on float32 ``k + p`` and probabilities
+  (``tf32_attention`` on; default off).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ VARIANTS = {
     "branches_on": {"triton_add_ln": False, "fp32_branches": True},
     "branches_off": {"triton_add_ln": False, "fp32_branches": False},
     "add_ln": {"triton_add_ln": True},
-    "no_tf32_attention": {"tf32_attention": False},
+    "tf32_attention": {"tf32_attention": True},
 }
 
 

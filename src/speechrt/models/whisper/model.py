@@ -17,9 +17,9 @@ keeps the residual stream in FP32 and fuses each residual add with the next Laye
 (``kernels.layer_norm``), projects q/k/v with one GEMM, and in steps attends with
 ``kernels.decode_attention``: self-attention writes the new key/value and reads exactly
 ``positions + 1`` cache entries (``kv_len`` is then irrelevant), cross-attention reads the audio's
-K/V once per group of rows. A kernel-path step launches 8 kernels per layer: its GEMMs are
-``kernels.skinny_linear`` calls that take the LayerNorm in their prologue and the residual add in
-their epilogue, and the final LayerNorm + logits is one more.
+K/V once per group of rows. With ``TextDecoder.skinny_step`` (off by default, measured slower) a
+kernel-path step launches 8 kernels per layer instead: its GEMMs are ``kernels.skinny_linear``
+calls that take the LayerNorm in their prologue and the residual add in their epilogue.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 GEMMs and attention run in the compute dtype (fp32, fp16 or bf16); LayerNorm statistics, softmax,
 log-softmax and the residual stream stay in float32 ("FP32 where overflow threatens": the seeds'
-FP16 LayerNorm overflowed), and so do scores that decoding accumulates.
+FP16 LayerNorm overflowed), and so do scores that decoding accumulates. In bfloat16 the GEMMs
+whose results join the residual stream also hand it their float32 accumulators unrounded (the
+fused encoder's ``triton_add_ln`` / ``fp32_branches``): bfloat16's 8-bit output rounding flipped
+a trained model's text where float16's did not.
 """
 
 from __future__ import annotations

@@ -140,9 +140,10 @@ class FusedEncoder:
     scale, residual add and LayerNorm in the GEMM epilogue) when D <= 256 and the residual
     stream is float32. None (default): on for bfloat16 CUDA weights only -- it is slower than
     cuBLAS + ``add_layer_norm`` at K=2048 (0.5-0.8x on the H200), but the trained default model
-    kept its FP32 text on 495/500 utterances this way vs 493 with cuBLAS float32 outputs and 490
-    with rounded branches (BENCHMARKS.md); also an attribute. A subclass that overrides
-    :meth:`_second_ffn_add_ln` decides for its own second FFN.
+    kept its FP32 text on 495/500 utterances this way (CTC greedy and rescoring) vs 493/492 with
+    cuBLAS float32 outputs and 491/490 with rounded branches (BENCHMARKS.md); also an
+    attribute. A subclass that overrides :meth:`_second_ffn_add_ln` decides for its own second
+    FFN.
 
     ``fp32_branches``: the GEMMs whose result joins the float32 residual stream (the four sites
     above and the conv front's projection) store their float32 accumulators

@@ -24,7 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-from speechrt.benchmark.common import environment, markdown_table, sync_cuda, write_csv
+from speechrt.benchmark.common import (
+    environment,
+    markdown_table,
+    set_encoder_options,
+    sync_cuda,
+    write_csv,
+)
 
 METHODS = {
     "ctc_greedy_search": {},
@@ -40,10 +46,6 @@ VARIANTS = {
 }
 
 
-def _read(path: str) -> list[list[str]]:
-    return [line.split(maxsplit=1) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def _run(model, wavs, method: str) -> tuple[list[str], float]:
     sync_cuda()
     t0 = time.perf_counter()
@@ -54,6 +56,8 @@ def _run(model, wavs, method: str) -> tuple[list[str], float]:
 
 def main(argv: list[str] | None = None) -> int:
     import speechrt
+    from speechrt.cli.common import read_scp
+    from speechrt.cli.eval import read_text
     from speechrt.metrics import report
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="first N utterances only (0: all)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    items = _read(args.data)[: args.limit or None]
-    refs = dict(_read(args.text))
+    items = read_scp(args.data)[: args.limit or None]
+    refs = read_text(args.text)
     keys = [k for k, _ in items]
     base = speechrt.load_model(args.model, device=args.device, dtype="fp32")
     wavs = [base.load_audio(path) for _, path in items]
@@ -91,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtypes:
         for variant in args.variants:
             model = speechrt.load_model(args.model, device=args.device, dtype=dtype)
-            for name, value in VARIANTS[variant].items():
-                if model.engine is None:
-                    raise SystemExit(f"variant {variant} needs the fused engine (CUDA)")
-                setattr(model.engine.encoder, name, value)
+            if VARIANTS[variant] and model.engine is None:
+                raise SystemExit(f"variant {variant} needs the fused engine (CUDA)")
+            if VARIANTS[variant]:
+                set_encoder_options(model.engine.encoder, tuple(VARIANTS[variant].items()))
             for method in METHODS:
                 texts, secs = _run(model, wavs, method)
                 row(dtype, variant, method, texts, secs)

@@ -270,8 +270,9 @@ class FusedEncoder:
 
     def _front_proj(self, x: torch.Tensor) -> torch.Tensor:
         """The conv front's projection (B, T', F2 * C) -> (B, T', D): in the residual dtype
-        straight from the GEMM accumulator when the GEMM epilogues feed the float32 stream
-        (``triton_add_ln``), else in the compute dtype."""
+        straight from the GEMM accumulator when branches join the float32 stream unrounded
+        (``triton_add_ln``: the Triton GEMM; ``fp32_branches``: cuBLAS), else in the compute
+        dtype."""
         fr = self._front
         if self._branches_in_residual_dtype():
             if self.triton_add_ln:

@@ -206,6 +206,78 @@ def test_fp32_branches_switch(shared, dtype, default, monkeypatch):
         _check_gates(a, al, b, dtype)
 
 
+@pytest.mark.parametrize("triton_front", [True, False])
+def test_fp32_conv1_switch(shared, triton_front, monkeypatch):
+    """fp32_conv1 (default on for bf16 only): the conv front's first conv runs on the float32
+    fbank and weights -- the Triton front gets conv1_fp32 packed weights, the cuDNN front a
+    float32 conv1 -- and the encoder stays within the half-precision bounds of the FP32 torch
+    reference. (Kernel accuracy: tests/kernels/test_conv_subsampling.py; the gain on trained
+    weights: bench/precision_probe.py.)"""
+    import speechrt.models.conformer.fused as fused_mod
+
+    kernel, packed = fused_mod.conv_subsampling, []
+
+    def spy(x, weights, *args, **kw):
+        packed.append(weights.conv1_fp32)
+        return kernel(x, weights, *args, **kw)
+
+    monkeypatch.setattr(fused_mod, "conv_subsampling", spy)
+    d, feats, lens = _load(shared, "conformer_ctc_aed")
+    feats, lens = feats[:1, :80], lens[:1].clamp(max=80)
+    ref = load_wenet(d, device=DEVICE, engine="torch")
+    half = load_wenet(d, device=DEVICE, dtype="fp16", engine="fused", cuda_graphs=False)
+    assert not half.engine.encoder.fp32_conv1
+    dtype = "bf16"
+    fast = load_wenet(d, device=DEVICE, dtype=dtype, engine="fused", cuda_graphs=False)
+    enc = fast.engine.encoder
+    assert enc.fp32_conv1
+    enc.triton_front = triton_front
+    a, al = ref.encode(feats, lens)
+    outs = {}
+    for on in (True, False):
+        enc.fp32_conv1 = on
+        packed.clear()
+        outs[on], _ = fast.encode(feats, lens)
+        assert packed == ([on] if triton_front else [])
+        _check_gates(a, al, outs[on], dtype)
+    assert ("cudnn" in enc._front_fp32_conv1) is not triton_front
+    assert not torch.equal(outs[True], outs[False])
+
+
+def test_fp32_mixers_switch(shared, monkeypatch):
+    """fp32_mixers (default off): q/k/v and pw1 store float32 results (linear_fp32_out), the
+    cached positional projection is float32, attention runs on float32 operands in TF32; the
+    encoder stays within the half-precision bounds of the FP32 torch reference."""
+    import speechrt.models.conformer.fused as fused_mod
+
+    attn, gemm, calls = fused_mod.rel_pos_attention, fused_mod.linear_fp32_out, []
+
+    def spy_attn(q, *args, **kw):
+        calls.append(("attn", q.dtype, kw["allow_tf32"], kw["tf32_dots"]))
+        return attn(q, *args, **kw)
+
+    def spy_gemm(x, w):
+        calls.append(("gemm", w.shape))
+        return gemm(x, w)
+
+    monkeypatch.setattr(fused_mod, "rel_pos_attention", spy_attn)
+    monkeypatch.setattr(fused_mod, "linear_fp32_out", spy_gemm)
+    d, feats, lens = _load(shared, "conformer_ctc_aed")
+    feats, lens = feats[:1, :80], lens[:1].clamp(max=80)
+    ref = load_wenet(d, device=DEVICE, engine="torch")
+    fast = load_wenet(d, device=DEVICE, dtype="bf16", engine="fused", cuda_graphs=False)
+    enc = fast.engine.encoder
+    assert not enc.fp32_mixers
+    enc.fp32_branches = False  # count only the mixers' float32 GEMMs
+    enc.fp32_mixers = True
+    a, al = ref.encode(feats, lens)
+    b, _ = fast.encode(feats, lens)
+    n = len(enc.blocks)
+    assert calls.count(("attn", torch.float32, True, False)) == n
+    assert len([c for c in calls if c[0] == "gemm"]) == 2 * n
+    _check_gates(a, al, b, "bf16")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_triton_add_ln_half_precision_graphs(shared, dtype):

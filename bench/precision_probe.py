@@ -14,11 +14,7 @@ encoder's switches before the first capture (the graph key includes them):
 * ``add_ln``: ``triton_add_ln`` on (the same float32 branches, from the Triton GEMM + add +
   LayerNorm kernel);
 * ``tf32_attention``: attention's products in TF32 on float32 ``k + p`` and probabilities
-  (``tf32_attention`` on; default off);
-* ``conv1_off``: the conv front's first conv on the fbank rounded to the compute dtype
-  (``fp32_conv1`` off; on by default for bf16);
-* ``mixers``: q/k/v, positional and pw1 GEMMs with float32 outputs, attention in TF32
-  (``fp32_mixers`` on; default off).
+  (``tf32_attention`` on; default off).
 """
 
 from __future__ import annotations
@@ -47,8 +43,6 @@ VARIANTS = {
     "branches_off": {"triton_add_ln": False, "fp32_branches": False},
     "add_ln": {"triton_add_ln": True},
     "tf32_attention": {"tf32_attention": True},
-    "conv1_off": {"fp32_conv1": False},
-    "mixers": {"fp32_mixers": True},
 }
 
 

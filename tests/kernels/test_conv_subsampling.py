@@ -154,24 +154,3 @@ def test_conformer_shape_every_config(config, dtype, device, check_output, max_e
     convs, cmvn = _convs(c, device), _cmvn(f, device)
     y = conv_subsampling(x, pack_conv_subsampling(*convs, dtype), *cmvn, config=config)
     _check(y, x, convs, cmvn, dtype, check_output, max_err)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_conv1_fp32_matches_its_reference_and_is_closer(dtype, device, check_output):
-    """``conv1_fp32``: conv1 from the float32 input and weights, only its output rounded. The
-    kernel equals that reference (a single rounding of conv1 apart) and is closer to the float32
-    result than the plain half path, whose input rounding it removes."""
-    b, t, f, c = 2, 45, 40, 32
-    x = _feats(b, t, f, device)
-    convs, cmvn = _convs(c, device), _cmvn(f, device)
-    packed = pack_conv_subsampling(*convs, dtype, conv1_fp32=True)
-    assert packed.conv1_fp32 and packed.w1.dtype == torch.float32 and packed.dtype == dtype
-    y = conv_subsampling(x, packed, *cmvn)
-    assert y.dtype == dtype
-    gold = conv_subsampling_ref(x, *convs, *cmvn, upcast=True)
-    low = [w.to(dtype) for w in convs[2:]]
-    ref = conv_subsampling_ref(x, *convs[:2], *low, *cmvn, conv1_fp32=True)
-    plain = conv_subsampling(x, pack_conv_subsampling(*convs, dtype), *cmvn)
-    check_output(y, gold, ref, dtype)  # within twice the reference's own error
-    err, plain_err = (y.float() - gold).abs().mean(), (plain.float() - gold).abs().mean()
-    assert err < plain_err, f"conv1_fp32 mean error {err:.3g} vs plain {plain_err:.3g}"

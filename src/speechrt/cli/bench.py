@@ -64,9 +64,8 @@ def add_parser(sub) -> None:
         type=_switch,
         default=[],
         metavar="NAME=on|off",
-        help="conformer/moe: set a fused-encoder switch (speechrt.engine.runner."
-        "ENCODER_SWITCHES: triton_front, triton_ffn, triton_add_ln, fp32_branches, "
-        "tf32_attention, fp32_conv1, fp32_mixers, ...) before timing; repeatable",
+        help="conformer/moe: set a fused-encoder switch (triton_front, triton_ffn, "
+        "triton_add_ln, fp32_branches, tf32_attention) before timing; repeatable",
     )
     m = p.add_argument_group("moe")
     m.add_argument(

@@ -22,8 +22,6 @@ ENCODER_SWITCHES = (
     "triton_add_ln",
     "fp32_branches",
     "tf32_attention",
-    "fp32_conv1",
-    "fp32_mixers",
 )
 
 

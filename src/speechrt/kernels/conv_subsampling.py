@@ -26,10 +26,7 @@ NHWC layout: the following projection needs its weight columns in that order (Py
 Precision: the CMVN'd input, both conv weights and conv1's bias are rounded to the compute
 dtype (as a module run in that dtype does), products are exact and accumulate in float32, conv1
 is rounded once more after its ReLU, conv2's bias and ReLU apply in float32 before the output's
-rounding. Float32 uses IEEE float32 dots (no TF32). With ``conv1_fp32`` (meant for bfloat16, whose
-8-bit mantissa loses the fbank's fine detail) the patch and conv1's weights stay float32 and the
-small conv1 GEMM runs in TF32x3 (three TF32 products: float32 accuracy on tensor cores); only its
-ReLU'd output is rounded, as conv2's A operand. Weights are packed once by
+rounding. Float32 uses IEEE float32 dots (no TF32). Weights are packed once by
 :func:`pack_conv_subsampling`. :func:`conv_subsampling_ref` is the plain-torch reference (the two
 ``F.conv2d`` calls) that tests and benchmarks import.
 """
@@ -137,8 +134,6 @@ def _conv_front_kernel(
     HAS_CMVN: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    CONV1_FP32: tl.constexpr,  # float32 patch and W1, conv1 dot in CONV1_PRECISION
-    CONV1_PRECISION: tl.constexpr,
     PATCH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -166,7 +161,7 @@ def _conv_front_kernel(
         istd = tl.load(ISTD + f, mask=p_ok, other=0.0)
         patch = (patch - mean) * istd
     patch = tl.where((pc == 49)[None, :], 1.0, patch)
-    if not (UPCAST or CONV1_FP32):
+    if not UPCAST:
         patch = patch.to(W2.dtype.element_ty)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
@@ -182,12 +177,9 @@ def _conv_front_kernel(
             mask=k_ok[None, :],
             other=0.0,
         )  # (PATCH, BLOCK_K)
-        if CONV1_FP32:
-            h = tl.dot(patch, w1, input_precision=CONV1_PRECISION)  # (BLOCK_M, BLOCK_K) float32
-        else:
-            if UPCAST:
-                w1 = w1.to(tl.float32)
-            h = tl.dot(patch, w1, input_precision=INPUT_PRECISION)
+        if UPCAST:
+            w1 = w1.to(tl.float32)
+        h = tl.dot(patch, w1, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_K) float32
         a = tl.maximum(h, 0.0)
         w2 = tl.load(
             W2 + (tap * C + ks).to(tl.int64)[:, None] * stride_w2 + cols[None, :],
@@ -214,10 +206,9 @@ def _conv_front_kernel(
 class ConvSubsamplingWeights:
     """Packed weights of the two convs (see :func:`pack_conv_subsampling`).
 
-    w1: (9 * 64, C) compute dtype (float32 with ``conv1_fp32``): for conv2 tap (i, j), rows
-        ``tap * 64 + r * 7 + s`` hold conv1's weight at kernel position (r - 2i, s - 2j) (0
-        outside the 3 x 3 window), row ``tap * 64 + 49`` conv1's bias, so that
-        ``patch @ w1[tap]`` is conv1 at the tap.
+    w1: (9 * 64, C) compute dtype: for conv2 tap (i, j), rows ``tap * 64 + r * 7 + s`` hold
+        conv1's weight at kernel position (r - 2i, s - 2j) (0 outside the 3 x 3 window), row
+        ``tap * 64 + 49`` conv1's bias, so that ``patch @ w1[tap]`` is conv1 at the tap.
     w2: (9 * C, C) compute dtype, row ``(i * 3 + j) * C + c_in``, column c_out.
     b2: (C,) float32.
     """
@@ -234,11 +225,6 @@ class ConvSubsamplingWeights:
     def dtype(self) -> torch.dtype:
         return self.w2.dtype
 
-    @property
-    def conv1_fp32(self) -> bool:
-        """Whether conv1 runs on the float32 input (see :func:`pack_conv_subsampling`)."""
-        return self.w1.dtype == torch.float32 != self.w2.dtype
-
 
 def _check_conv(name: str, weight: torch.Tensor, c_in: int | None) -> None:
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
@@ -253,7 +239,6 @@ def pack_conv_subsampling(
     conv2_weight: torch.Tensor,
     conv2_bias: torch.Tensor,
     dtype: torch.dtype,
-    conv1_fp32: bool = False,
 ) -> ConvSubsamplingWeights:
     """Pack ``nn.Conv2d`` weights for :func:`conv_subsampling` (once, at load time).
 
@@ -261,8 +246,6 @@ def pack_conv_subsampling(
         conv1_weight: (C, 1, 3, 3), conv1_bias: (C,) -- the first conv (stride 2).
         conv2_weight: (C, C, 3, 3), conv2_bias: (C,) -- the second conv (stride 2).
         dtype: compute dtype of the GEMM (float32, float16 or bfloat16); also the output dtype.
-        conv1_fp32: keep conv1 (its input patch, weights and bias) in float32 for a half
-            ``dtype``: conv1 then runs in TF32x3 and only its output is rounded to ``dtype``.
     """
     c = conv1_weight.shape[0]
     _check_conv("conv1", conv1_weight, 1)
@@ -286,7 +269,7 @@ def pack_conv_subsampling(
     )  # (9, PATCH, C)
     w2 = conv2_weight.detach().permute(2, 3, 1, 0).reshape(9 * c, c)  # (9*C_in, C_out)
     return ConvSubsamplingWeights(
-        w1=patch.reshape(9 * PATCH, c).to(torch.float32 if conv1_fp32 else dtype).contiguous(),
+        w1=patch.reshape(9 * PATCH, c).to(dtype).contiguous(),
         w2=w2.to(dtype).contiguous(),
         b2=conv2_bias.detach().float().contiguous(),
     )
@@ -362,8 +345,6 @@ def conv_subsampling(
     # With UPCAST (float32, or bfloat16 under TRITON_INTERPRET, whose casts to bf16 truncate)
     # the patch and conv1 values stay float32; only the weights and the output are bf16.
     precision = dot_precision(w.dtype)
-    # TF32x3 is float32-accurate on tensor cores; the interpreter computes float32 dots exactly.
-    conv1_precision = "ieee" if interpreting() else "tf32x3"
     cmvn = mean is not None
     mean_t = mean.float().contiguous() if cmvn else w.b2
     istd_t = istd.float().contiguous() if cmvn else w.b2
@@ -372,7 +353,7 @@ def conv_subsampling(
         x, mean_t, istd_t, w.w1, w.w2, w.b2, y,
         m, t2 * f2, f2, c,
         x.stride(0), x.stride(1), x.stride(2), w.w1.stride(0), w.w2.stride(0), c,
-        HAS_CMVN=cmvn, **precision, CONV1_FP32=w.conv1_fp32, CONV1_PRECISION=conv1_precision,
+        HAS_CMVN=cmvn, **precision,
         PATCH=PATCH, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -388,22 +369,18 @@ def conv_subsampling_ref(
     mean: torch.Tensor | None = None,
     istd: torch.Tensor | None = None,
     upcast: bool = False,
-    conv1_fp32: bool = False,
 ) -> torch.Tensor:
     """Plain torch: CMVN in float32, then the two ``F.conv2d`` + ReLU in conv2_weight's dtype.
 
     x (B, T, F) -> (B, T2, F2 * C) in conv2_weight's dtype, column ``f * C + c``. ``upcast``
-    computes everything in float32 (the output stays float32); ``conv1_fp32`` only conv1 (its
-    ReLU'd output is then rounded to the dtype).
+    computes everything in float32 (the output stays float32).
     """
     dtype = torch.float32 if upcast else conv2_weight.dtype
-    dtype1 = torch.float32 if conv1_fp32 else dtype
     h = x.float()
     if mean is not None:
         h = (h - mean.float()) * istd.float()
-    h = h.to(dtype1).unsqueeze(1)  # (B, 1, T, F)
-    h = torch.relu(F.conv2d(h, conv1_weight.to(dtype1), conv1_bias.to(dtype1), stride=2))
-    h = h.to(dtype)
+    h = h.to(dtype).unsqueeze(1)  # (B, 1, T, F)
+    h = torch.relu(F.conv2d(h, conv1_weight.to(dtype), conv1_bias.to(dtype), stride=2))
     h = torch.relu(F.conv2d(h, conv2_weight.to(dtype), conv2_bias.to(dtype), stride=2))
     b, c, t2, f2 = h.shape  # (B, C, T2, F2)
     return h.permute(0, 2, 3, 1).reshape(b, t2, f2 * c)  # (B, T2, F2 * C)

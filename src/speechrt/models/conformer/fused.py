@@ -156,18 +156,6 @@ class FusedEncoder:
     mantissa bits instead of being rounded to bfloat16's 7). Default off: on the trained model
     it kept no more text than the bfloat16 dots (493 vs 495 of 500 utterances, CTC greedy) and
     cost up to 6 % (BENCHMARKS.md); also an attribute.
-
-    ``fp32_conv1``: the conv front's first conv reads the float32 CMVN'd fbank with float32
-    weights (the Triton front: TF32x3 dots, :func:`pack_conv_subsampling`'s ``conv1_fp32``; the
-    cuDNN front: an IEEE float32 conv) and only its ReLU'd output is rounded to the compute
-    dtype. None (default): on for bfloat16, whose 8-bit mantissa otherwise rounds the model's
-    input itself: on the trained model an emulation put it at 15 % of the CTC log-probability
-    error of the whole BF16 encoder (BENCHMARKS.md); also an attribute.
-
-    ``fp32_mixers``: the GEMMs that feed the token mixers -- q/k/v and the positional projection
-    (attention) and pw1 (GLU + depthwise conv) -- store their float32 accumulators; attention
-    then runs on float32 operands in TF32 and the GLU/depthwise conv reads float32, their outputs
-    rounded to the compute dtype as the next GEMM's input. Default off; also an attribute.
     """
 
     def __init__(
@@ -180,8 +168,6 @@ class FusedEncoder:
         triton_add_ln: bool | None = None,
         fp32_branches: bool | None = None,
         tf32_attention: bool = False,
-        fp32_conv1: bool | None = None,
-        fp32_mixers: bool = False,
     ):
         reason = encoder_unsupported(enc.cfg)
         if reason:
@@ -208,16 +194,11 @@ class FusedEncoder:
             fp32_branches = self.dtype == torch.bfloat16 and self.residual_dtype == torch.float32
         self.fp32_branches = fp32_branches
         self.tf32_attention = tf32_attention
-        if fp32_conv1 is None:
-            fp32_conv1 = self.dtype == torch.bfloat16
-        self.fp32_conv1 = fp32_conv1
-        self.fp32_mixers = fp32_mixers
         if fp32_branches and enc.final_norm.weight.is_cuda:
             mm_fp32_out_supported(enc.final_norm.weight.device, self.dtype)  # probe before capture
         self.sub_dtype = self.dtype
         self._front = self._prepare_front(enc.subsampling) if enc.subsampling.convs else None
         self._front_packed, self.triton_front = self._pack_front(enc.subsampling, triton_front)
-        self._front_fp32_conv1: dict = {}  # lazily built float32-conv1 variants (see _front_conv1)
         self.subsampling = enc.subsampling  # conv fronts: only its length arithmetic is used
         if self._front is None and enc.subsampling.proj.weight.dtype != self.dtype:
             # A linear input layer runs as torch modules in the compute dtype, on a private copy.
@@ -270,55 +251,22 @@ class FusedEncoder:
             x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.sub_dtype)
             return self.subsampling(x) * math.sqrt(self.d)
         if self.triton_front:
-            x = conv_subsampling(feats, self._front_weights(), self.cmvn_mean, self.cmvn_istd)
+            if self._front_packed is None:
+                raise ValueError(f"the Triton conv front cannot compute {self.subsampling.kind}")
+            x = conv_subsampling(feats, self._front_packed, self.cmvn_mean, self.cmvn_istd)
             return self._front_proj(x)  # x: (B, T', F2 * C), f * C + c
-        convs = list(fr["convs"])
-        x = (feats - self.cmvn_mean) * self.cmvn_istd  # (B, T, F) float32
-        if self._conv1_fp32():
-            conv1 = self._front_conv1(
-                "cudnn", lambda: copy.deepcopy(self.subsampling.convs[0]).float()
-            )  # the torch modules keep float32 weights
-            with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):
-                x = torch.relu_(conv1(x.unsqueeze(1)))  # (B, C, T1, F1) float32
-            convs = convs[1:]
-        x = x.to(self.dtype)
-        if x.dim() == 3:
-            x = x.unsqueeze(1)  # (B, 1, T, F)
+        x = ((feats - self.cmvn_mean) * self.cmvn_istd).to(self.dtype).unsqueeze(1)  # (B,1,T,F)
         with torch.backends.cudnn.flags(
             enabled=True,
             benchmark=True,
             deterministic=False,
             allow_tf32=self.dtype != torch.float32,
         ):
-            for conv in convs:
+            for conv in fr["convs"]:
                 x = torch.relu_(conv(x))
         b, c, t, f = x.shape
         x = x.permute(0, 2, 3, 1).reshape(b, t, f * c)  # NHWC memory: a view, no copy
         return self._front_proj(x)
-
-    def _conv1_fp32(self) -> bool:
-        return self.fp32_conv1 and self.dtype != torch.float32
-
-    def _front_conv1(self, kind: str, build):
-        """The float32-conv1 variant of the front (``kind``: "triton" packed weights, "cudnn" a
-        float32 copy of conv1), built on first use so the switch can be flipped later."""
-        if kind not in self._front_fp32_conv1:
-            self._front_fp32_conv1[kind] = build()
-        return self._front_fp32_conv1[kind]
-
-    def _front_weights(self) -> ConvSubsamplingWeights:
-        """Packed Triton-front weights for the current ``fp32_conv1`` setting."""
-        if self._front_packed is None:
-            raise ValueError(f"the Triton conv front cannot compute {self.subsampling.kind}")
-        if not self._conv1_fp32():
-            return self._front_packed
-        c1, c2 = self.subsampling.convs
-        return self._front_conv1(
-            "triton",
-            lambda: pack_conv_subsampling(
-                c1.weight, c1.bias, c2.weight, c2.bias, self.dtype, conv1_fp32=True
-            ),
-        )
 
     def _front_proj(self, x: torch.Tensor) -> torch.Tensor:
         """The conv front's projection (B, T', F2 * C) -> (B, T', D): in the residual dtype
@@ -405,24 +353,15 @@ class FusedEncoder:
         blk["causal"] = c.causal
         return blk
 
-    def _pos_proj(self, blk: dict, pe: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+    def _pos_proj(self, blk: dict, pe: torch.Tensor) -> torch.Tensor:
         """linear_pos(pe) depends on the length only: computed once per length and kept, so a
-        captured graph reads it as a constant instead of recomputing it every replay. ``fp32``:
-        the float32 product of the same (compute-dtype) operands."""
+        captured graph reads it as a constant instead of recomputing it every replay."""
         cache = blk.setdefault("pos_proj", {})
-        key = (pe.shape[0], fp32)
-        p = cache.get(key)
+        p = cache.get(pe.shape[0])
         if p is None:
-            p = F.linear(pe.float(), blk["pos_w"].float()) if fp32 else F.linear(pe, blk["pos_w"])
-            cache[key] = p
+            p = F.linear(pe, blk["pos_w"])
+            cache[pe.shape[0]] = p
         return p
-
-    def _mixers_fp32(self) -> bool:
-        return self.fp32_mixers and self.dtype != torch.float32
-
-    def _linear_fp32(self, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``y w^T + b`` from the float32 accumulator (y, w in the compute dtype)."""
-        return linear_fp32_out(y, w).add_(b)
 
     def _ffn_hidden(self, y, w1, b1):
         """y (B, T, D) -> act(w1 y + b1), (B, T, H) compute dtype."""
@@ -477,10 +416,8 @@ class FusedEncoder:
         h, dk = self.n_head, d // self.n_head
         f = self._ffn_hidden(y, blk["mac_w1"], blk["mac_b1"])  # (B, T, H)
         x, y = self._linear_add_ln(f, blk["mac_w2"], x, blk["norm_attn"], blk["mac_b2"], 0.5)
-        mix32 = self._mixers_fp32()
-        lin = self._linear_fp32 if mix32 else F.linear
-        qkv = lin(y, blk["qkv_w"], blk["qkv_b"]).view(b, t, 3, h, dk)
-        p = self._pos_proj(blk, pe, mix32).view(t, h, dk)
+        qkv = F.linear(y, blk["qkv_w"], blk["qkv_b"]).view(b, t, 3, h, dk)
+        p = self._pos_proj(blk, pe).view(t, h, dk)
         att = rel_pos_attention(
             qkv[:, :, 0],
             qkv[:, :, 1],
@@ -491,15 +428,14 @@ class FusedEncoder:
             lengths,
             chunk_size=chunk,
             num_left_chunks=left,
-            tf32_dots=self.tf32_attention and not mix32,
-            allow_tf32=mix32,
+            tf32_dots=self.tf32_attention,
         )
-        att = att.view(b, t, d).to(self.dtype)
+        att = att.view(b, t, d)
         x, y = self._linear_add_ln(att, blk["out_w"], x, blk["norm_conv"], blk["out_b"])
-        x2 = lin(y, blk["pw1_w"], blk["pw1_b"])
+        x2 = F.linear(y, blk["pw1_w"], blk["pw1_b"])
         cache = None
         if blk["causal"]:
-            cache = blk["left_context"].unsqueeze(0).expand(b, -1, -1).to(x2.dtype)
+            cache = blk["left_context"].unsqueeze(0).expand(b, -1, -1)
         conv_kw = {}
         if blk["conv_norm"] == "layer":
             ln = blk["conv_ln"]
@@ -517,7 +453,7 @@ class FusedEncoder:
             pad_mode=self.pad_mode,
             cache=cache,
             **conv_kw,
-        ).to(self.dtype)
+        )
         x, y = self._linear_add_ln(g, blk["pw2_w"], x, blk["norm_ff"], blk["pw2_b"])
         return self._second_ffn_add_ln(x, y, blk, ff_context)  # the next block's stream
 

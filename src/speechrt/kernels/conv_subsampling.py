@@ -370,7 +370,8 @@ def conv_subsampling_ref(
     istd: torch.Tensor | None = None,
     upcast: bool = False,
 ) -> torch.Tensor:
-    """Plain torch: CMVN in float32, then the two ``F.conv2d`` + ReLU in conv2_weight's dtype.
+    """Plain torch: CMVN in float32, then the two ``F.conv2d`` + ReLU in conv2_weight's dtype
+    (float32 without TF32 on CUDA).
 
     x (B, T, F) -> (B, T2, F2 * C) in conv2_weight's dtype, column ``f * C + c``. ``upcast``
     computes everything in float32 (the output stays float32).
@@ -380,7 +381,8 @@ def conv_subsampling_ref(
     if mean is not None:
         h = (h - mean.float()) * istd.float()
     h = h.to(dtype).unsqueeze(1)  # (B, 1, T, F)
-    h = torch.relu(F.conv2d(h, conv1_weight.to(dtype), conv1_bias.to(dtype), stride=2))
-    h = torch.relu(F.conv2d(h, conv2_weight.to(dtype), conv2_bias.to(dtype), stride=2))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # exact float32 on CUDA
+        h = torch.relu(F.conv2d(h, conv1_weight.to(dtype), conv1_bias.to(dtype), stride=2))
+        h = torch.relu(F.conv2d(h, conv2_weight.to(dtype), conv2_bias.to(dtype), stride=2))
     b, c, t2, f2 = h.shape  # (B, C, T2, F2)
     return h.permute(0, 2, 3, 1).reshape(b, t2, f2 * c)  # (B, T2, F2 * C)

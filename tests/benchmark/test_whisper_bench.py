@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 
 import pytest
 
@@ -113,6 +114,7 @@ def test_gpu_graph_step_matches_eager(tmp_path):
             assert r["peak_mem_MiB"] > 0
         if r["provider"] == "speechrt_engine":  # the window rows reuse its graphs
             assert r["captures"] >= 1 and r["capture_s"] > 0, r
+            assert 0 < r["step_ms"] < r["ms_per_token"], r  # the window's fixed cost is gone
 
 
 def test_e2e_rtfx_on_a_saved_checkpoint(shared, tmp_path):
@@ -138,12 +140,19 @@ def test_e2e_rtfx_on_a_saved_checkpoint(shared, tmp_path):
 
 
 def test_engine_rows_agree_with_eager(bench_out):
-    """On CPU the transcribe-path engine runs the same step eagerly: same last logits."""
-    _, rows, _ = bench_out
+    """On CPU the transcribe-path engine runs the same step eagerly: same last logits; its rows
+    carry the steady-state step time and the window's fixed cost."""
+    out, rows, _ = bench_out
     for provider in ("speechrt_engine", "speechrt_window"):
         dec = [r for r in rows if r["provider"] == provider and r["part"] == "decode"]
         assert sorted(int(r["B"]) for r in dec) == [1, 2]
         assert all(float(r["ms_per_token"]) > 0 for r in dec)
+    for r in rows:
+        has_step = r["provider"] == "speechrt_engine"
+        assert (r.get("step_ms") not in (None, "")) == has_step, r
+        if has_step:
+            assert float(r["step_ms"]) > 0 and math.isfinite(float(r["fixed_ms"]))
+    assert "step_ms" in (out / "whisper.md").read_text()
     diffs = [float(r["logit_diff"]) for r in rows if r["provider"] == "speechrt_engine"]
     assert len(diffs) == 2 and max(diffs) < 1e-4
 

@@ -5,7 +5,9 @@ Decoding consumes tensors through a :class:`DecoderSession` (the engine's sessio
 follow openai-whisper's ``decoding.py`` (same options, same tokens on CPU) but every step is
 batched over audios and candidates, and the step loop never reads the device except through
 :class:`StopFlag` (on CUDA, one step late and without stalling). The session owns the token
-buffer and the positions that its step reads, so a captured step replays without copies.
+buffer and the positions that its step reads, so a captured step replays without copies; the
+prefill reads the first columns of that buffer and returns only the positions the loop uses
+(the SOT's, for the no-speech probability, and the last one).
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ class DecoderSession(Protocol):
     def token_buffers(self, batch: int, width: int) -> tuple[Tensor, Tensor]:
         """Token buffer (B, width) and positions (B,), long, that :meth:`step` reads."""
 
-    def prefill(self, tokens: Tensor) -> Tensor:
-        """tokens (B, T) at positions [0, T) -> logits (B, T, V) FP32."""
+    def prefill(self, tokens: Tensor, at: Sequence[int]) -> Tensor:
+        """tokens (B', T) at positions [0, T) (B' a multiple of the audios) -> logits
+        (B', K, V) FP32 of the K positions ``at`` (ints in [-T, T)), valid until the next
+        prefill; fills the self-attention cache [0, T)."""
 
     def step(self, kv_len: int) -> Tensor:
         """The token tokens[b, positions[b]] of every row at its position (< kv_len) ->
@@ -81,8 +85,8 @@ class EagerSession:
         self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
         return self.tokens, self.positions
 
-    def prefill(self, tokens: Tensor) -> Tensor:
-        return self.net.prefill(tokens)
+    def prefill(self, tokens: Tensor, at: Sequence[int]) -> Tensor:
+        return self.net.prefill(tokens)[:, list(at)]  # (B, K, V)
 
     def step(self, kv_len: int) -> Tensor:
         tokens = self.tokens.gather(1, self.positions[:, None])  # (B, 1)
@@ -179,13 +183,18 @@ class StopFlag:
 
 
 def detect_language(
-    session: DecoderSession, tokenizer: WhisperTokenizer, n_audio: int, device: torch.device
+    session: DecoderSession | CachedNet,
+    tokenizer: WhisperTokenizer,
+    n_audio: int,
+    device: torch.device,
 ) -> tuple[Tensor, list[dict[str, float]]]:
     """Language tokens (A,) and per-audio {code: probability} from the logits after SOT."""
     if tokenizer.language is None:
         raise UnsupportedOptionError("this model has no language tokens (English-only)")
+    if not hasattr(session, "token_buffers"):
+        session = EagerSession(session, device)
     sot = torch.full((n_audio, 1), tokenizer.sot, dtype=torch.long, device=device)
-    logits = session.prefill(sot)[:, 0]  # (A, V)
+    logits = session.prefill(sot, (0,))[:, 0]  # (A, V)
     allowed = torch.tensor(tokenizer.all_language_tokens, device=device)
     masked = torch.full_like(logits, float("-inf"))
     masked[:, allowed] = logits[:, allowed]
@@ -323,9 +332,10 @@ class WindowDecoder:
             search = GreedySearch(opts.temperature, eot, batch, device)
         stop = StopFlag(device, self.stop_lag)
         length = self.sample_begin
-        logits = session.prefill(tokens[:, :length])  # (B, T, V)
-        no_speech = logits[:, self.sot_index].float().softmax(dim=-1)[:, self.tokenizer.no_speech]
-        logits = logits[:, -1]
+        # the prefill reads the session's buffer in place; (B, 2, V): SOT and last position
+        logits = session.prefill(tokens[:, :length], (self.sot_index, length - 1))
+        no_speech = logits[:, 0].softmax(dim=-1)[:, self.tokenizer.no_speech]
+        logits = logits[:, 1]
         for i in range(self.sample_len):
             if i > 0:
                 positions.fill_(length - 1)

@@ -1,20 +1,35 @@
-"""Single-token decode steps of a cached encoder-decoder, replayed from bucketed CUDA graphs.
+"""Decoding passes of a cached encoder-decoder, replayed from bucketed CUDA graphs.
 
 :class:`DecodeEngine` serves a network with static caches (the :class:`CachedDecoder` protocol;
-e.g. ``WhisperNet``) to a decoding loop through one :class:`DecodeSession` per batch of windows:
+e.g. ``WhisperNet``) to a decoding loop through one :class:`DecodeSession` per batch of windows.
+Every pass of a window is captured: the cross-attention K/V (``set_audio``, once per window),
+the prefill of the initial tokens (once per window) and the single-token steps:
 
-* the engine owns the step's static buffers: per padded batch, the token buffer (Bp, W) and the
+* the engine owns the static buffers: per padded batch, the token buffer (Bp, W) and the
   positions (Bp,) that the loop writes in place and the captured step reads (nothing is copied
-  per step); the step gathers each row's token at its position;
-* the step is captured once per (padded rows, padded audios, kv bucket, kernel path) and
-  replayed; beam-search cache reorders are captured per (padded rows, kv bucket);
+  per step); the step gathers each row's token at its position; the prefill reads the first
+  columns of the same buffer in place (other token tensors, e.g. language detection's SOT, are
+  copied into a staging buffer) and returns only the logits of the positions asked for,
+  gathered inside the graph (no (B, T, V) logits);
+* ``set_audio`` is captured per (padded audios, feature shape, kernel path), the prefill per
+  (padded rows, token buffer width, length bucket, gathered positions, padded audios, kernel
+  path), the step per (padded rows, padded audios, kv bucket, kernel path); beam-search cache
+  reorders per (padded rows, kv bucket). The prefill graphs share one memory pool;
 * on CUDA a batch is padded: its audios up to a bucket of ``Buckets.batch_sizes`` (rows stay in
-  groups of ``group`` per audio) and ``kv_len`` up to a multiple of ``kv_step`` (the kernel path
-  reads exactly positions + 1 entries, so it uses one bucket, the cache length). Padded rows
-  read unused cache rows; their outputs are dropped;
+  groups of ``group`` per audio; the features are copied into a static (Ap, S, D) buffer),
+  ``kv_len`` up to a multiple of ``kv_step`` (the kernel path reads exactly positions + 1
+  entries, so it uses one bucket, the cache length) and the prefill length up to a power of two.
+  Padded rows read unused cache rows; their outputs are dropped. Padded prefill positions lie
+  after the real ones, so causal attention leaves the real ones unchanged; the cache entries
+  they write (positions >= T) are never read before a step overwrites them (a step writes its
+  position before attending: the kernel path reads positions + 1 entries, the torch path masks
+  keys beyond each row's position);
 * on CPU, or with ``cuda_graphs=False``, the same functions run eagerly: on CUDA with the same
   padding (so graphs and eager give the same numbers), on CPU without padding and with the exact
-  ``kv_len`` (so results equal the bare network's).
+  ``kv_len`` and prefill length (so results equal the bare network's).
+
+A replayed ``set_audio`` does not update the network's default audio count (Python state), so
+every prefill and step of a padded session passes its padded audio count explicitly.
 
 Graphs read the caches' memory: when the network reallocates them (``cache_version`` changes)
 every graph is dropped and captured again on demand.
@@ -22,6 +37,7 @@ every graph is dropped and captured again on demand.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -46,8 +62,11 @@ class CachedDecoder(Protocol):
     def uses_kernels(self, device: torch.device) -> bool:
         """True when a step reads exactly positions + 1 cache entries (kv_len is not needed)."""
 
-    def prefill(self, tokens: Tensor) -> Tensor:
-        """tokens (B, T) at positions [0, T) -> logits (B, T, V)."""
+    def prefill(
+        self, tokens: Tensor, at: Tensor | None = None, n_audio: int | None = None
+    ) -> Tensor:
+        """tokens (B, T) at positions [0, T) -> logits (B, T, V), or (B, K, V) of the
+        positions ``at`` (K,); rows grouped into n_audio audios."""
 
     def step(
         self,
@@ -63,7 +82,7 @@ class CachedDecoder(Protocol):
 
 
 class DecodeEngine:
-    """Bucketed CUDA-graph decode steps of ``net``; see the module docstring.
+    """Bucketed CUDA-graph decoding passes of ``net``; see the module docstring.
 
     ``pad``: pad batches to buckets (default: on CUDA only), e.g. to test padding on CPU.
     """
@@ -83,8 +102,17 @@ class DecodeEngine:
         self.steps = GraphRunner(self._step, enabled=cuda_graphs, copy_inputs=False)
         # a reorder permutes in place: no eager warm-up before its capture
         self.reorders = GraphRunner(self._reorder, enabled=cuda_graphs, warmup=0, copy_inputs=False)
+        self.prefills = GraphRunner(
+            self._prefill, enabled=cuda_graphs, copy_inputs=False, share_pool=True
+        )
+        self.audios = GraphRunner(net.set_audio, enabled=cuda_graphs, copy_inputs=False)
         self._buffers: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+        self._static: dict[tuple, Tensor] = {}  # staging tokens, gather positions, features
         self._version: int | None = None
+
+    @property
+    def runners(self) -> tuple[GraphRunner, ...]:
+        return (self.audios, self.prefills, self.steps, self.reorders)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -92,23 +120,33 @@ class DecodeEngine:
 
     @cuda_graphs.setter
     def cuda_graphs(self, enabled: bool) -> None:
-        self.steps.enabled = self.reorders.enabled = enabled
+        for runner in self.runners:
+            runner.enabled = enabled
 
     def stats(self) -> dict:
-        """Captures, replays, eager calls and capture seconds of the step and reorder graphs."""
-        s, r = self.steps.stats, self.reorders.stats
+        """Captures, replays, eager calls and capture seconds of all graphs (set_audio,
+        prefill, step, reorder), plus ``by_pass``: {pass: (captures, replays)}."""
+        all_stats = [r.stats for r in self.runners]
+        names = ("set_audio", "prefill", "step", "reorder")
+        failures = [s.capture_failure for s in all_stats if s.capture_failure]
         return {
-            "captures": s.captures + r.captures,
-            "replays": s.replays + r.replays,
-            "eager_calls": s.eager_calls + r.eager_calls,
-            "capture_s": sum(s.capture_seconds.values()) + sum(r.capture_seconds.values()),
-            "capture_failure": s.capture_failure or r.capture_failure,
+            "captures": sum(s.captures for s in all_stats),
+            "replays": sum(s.replays for s in all_stats),
+            "eager_calls": sum(s.eager_calls for s in all_stats),
+            "capture_s": sum(sum(s.capture_seconds.values()) for s in all_stats),
+            "capture_failure": failures[0] if failures else None,
+            "by_pass": {n: (s.captures, s.replays) for n, s in zip(names, all_stats)},
         }
 
     # ------------------------------------------------------------------ captured functions
     def _step(self, tokens: Tensor, positions: Tensor, kv_len: int, n_audio: int) -> Tensor:
         """tokens (Bp, W), positions (Bp,) -> logits (Bp, V) of tokens[b, positions[b]]."""
         return self.net.step(tokens.gather(1, positions[:, None]), positions, kv_len, n_audio)
+
+    def _prefill(self, tokens: Tensor, length: int, at: Tensor, n_audio: int) -> Tensor:
+        """tokens (Bp, W) -> logits (Bp, K, V) of the positions at (K,) after running
+        tokens[:, :length] at positions [0, length)."""
+        return self.net.prefill(tokens[:, :length], at=at, n_audio=n_audio)
 
     def _reorder(self, source: Tensor, upto: int) -> None:
         self.net.reorder_cache(source, upto)
@@ -125,11 +163,27 @@ class DecodeEngine:
         n_pad = self.buckets.batch(n_audio) if self.pads(features.device) else n_audio
         self.net.ensure_caches(n_pad * group, n_pad)
         if self.net.cache_version != self._version:
-            self.steps.clear()
-            self.reorders.clear()
+            for runner in self.runners:
+                runner.clear()
             self._version = self.net.cache_version
-        self.net.set_audio(features)
+        if self.pads(features.device):
+            shape = (n_pad, *features.shape[1:])  # (Ap, S, D)
+            static = self.static_buffer("audio", shape, features.dtype, features.device)
+            static[:n_audio].copy_(features)  # rows beyond n_audio: padding
+            by_position = self.net.uses_kernels(features.device)
+            self.audios((n_pad, *features.shape[1:], features.dtype, by_position), static)
+        else:
+            self.net.set_audio(features)
         return DecodeSession(self, n_audio, n_pad, group, features.device)
+
+    def static_buffer(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        """A zero-initialised buffer, reused for the same (name, shape, dtype, device)."""
+        key = (name, shape, dtype, device)
+        if key not in self._static:
+            self._static[key] = torch.zeros(shape, dtype=dtype, device=device)
+        return self._static[key]
 
     def token_buffers(self, rows: int, width: int, device: torch.device):
         """(tokens (rows, width), positions (rows,), reorder source (rows,)), long, reused."""
@@ -147,6 +201,11 @@ class DecodeEngine:
             return length
         return min(self.net.cache_len, -(-length // self.kv_step) * self.kv_step)
 
+    def prefill_bucket(self, length: int, limit: int) -> int:
+        """Positions a padded prefill of ``length`` tokens runs: the next power of two, at most
+        ``limit`` (the token buffer's width) and the cache length."""
+        return min(1 << (length - 1).bit_length(), limit, self.net.cache_len)
+
 
 class DecodeSession:
     """Decoding state of one batch of windows: ``A`` audios x ``group`` rows (implements
@@ -157,7 +216,7 @@ class DecodeSession:
     ) -> None:
         self.engine = engine
         self.rows, self.rows_pad = n_audio * group, n_pad * group
-        self.n_pad = n_pad
+        self.n_audio, self.n_pad = n_audio, n_pad
         self.device = device
         self._tokens: Tensor | None = None
         self._positions: Tensor | None = None
@@ -172,9 +231,49 @@ class DecodeSession:
         self._tokens, self._positions, self._source = tokens, positions, source
         return tokens[:batch], positions[:batch]
 
-    def prefill(self, tokens: Tensor) -> Tensor:
-        """tokens (B, T) at positions [0, T) -> logits (B, T, V) FP32 (eager, once per window)."""
-        return self.engine.net.prefill(tokens)
+    def prefill(self, tokens: Tensor, at: Sequence[int]) -> Tensor:
+        """tokens (B', T) at positions [0, T) -> logits (B', K, V) FP32 of the K positions
+        ``at`` (ints in [-T, T)); B' is a multiple of the audios (e.g. the session's rows, or
+        one row per audio). Fills the self-attention cache [0, T) of rows [0, B').
+
+        Padded (CUDA): one replay of the graph of the padded rows and length bucket; tokens
+        that are the first columns of :meth:`token_buffers` are read in place, others are
+        copied into a staging buffer. The result is a view valid until the next prefill.
+        Unpadded (CPU): the bare network's full logits at ``at``, exactly."""
+        e, t = self.engine, tokens.shape[1]
+        if any(not -t <= a < t for a in at):
+            raise IndexError(f"prefill positions {list(at)} out of range for {t} tokens")
+        if not e.pads(self.device):
+            return e.net.prefill(tokens)[:, list(at)]
+        if tokens.shape[0] % self.n_audio:
+            raise ValueError(f"{tokens.shape[0]} rows do not group into {self.n_audio} audios")
+        rows = self.n_pad * (tokens.shape[0] // self.n_audio)
+        source = self._prefill_source(tokens, rows)  # (rows, W)
+        length = e.prefill_bucket(t, source.shape[1])
+        index = e.static_buffer("prefill_at", (len(at),), torch.long, self.device)
+        for k, a in enumerate(at):
+            index[k : k + 1].fill_(a % t)  # no host-to-device copy
+        by_position = e.net.uses_kernels(self.device)
+        key = (rows, source.shape[1], length, len(at), self.n_pad, by_position)
+        return e.prefills(key, source, length, index, self.n_pad)[: tokens.shape[0]]
+
+    def _prefill_source(self, tokens: Tensor, rows: int) -> Tensor:
+        """The static (rows, W) token tensor whose first T columns hold ``tokens`` (B', T)."""
+        buf = self._tokens
+        if (
+            buf is not None
+            and tokens.shape[0] == self.rows
+            and tokens.data_ptr() == buf.data_ptr()
+            and tokens.stride() == buf.stride()
+        ):
+            return buf  # the step's token buffer, read in place
+        t = tokens.shape[1]
+        width = self.engine.prefill_bucket(t, self.engine.net.cache_len)
+        staging = self.engine.static_buffer(
+            "prefill_tokens", (rows, width), tokens.dtype, self.device
+        )
+        staging[: tokens.shape[0], :t].copy_(tokens)
+        return staging
 
     def step(self, kv_len: int) -> Tensor:
         """Run every row's token ``tokens[b, positions[b]]`` (all positions < kv_len) ->

@@ -9,6 +9,10 @@ static tensors, valid until the next replay of that bucket, so callers copy what
 With ``copy_inputs=False`` the caller's tensors ARE the static buffers: they are captured as
 given and must be passed again (the same tensor objects) with that key, so replays copy
 nothing. Non-tensor inputs (ints, flags) are passed through; they are constant per key.
+
+With ``share_pool=True`` every graph of the runner allocates from one memory pool (made at the
+first capture), so the runner holds the largest graph's temporaries, not their sum; an output
+is then valid only until the next replay of ANY key of the runner.
 """
 
 from __future__ import annotations
@@ -47,13 +51,16 @@ class GraphRunner:
         warmup: int = 2,
         pool=None,
         copy_inputs: bool = True,
+        share_pool: bool = False,
     ):
         """``warmup``: eager calls before a capture (0 for a ``fn`` that is not idempotent,
-        e.g. a permutation applied in place); ``pool``: a graph memory pool to share."""
+        e.g. a permutation applied in place); ``pool``: a graph memory pool to share;
+        ``share_pool``: one pool for all of this runner's graphs (see the module docstring)."""
         self.fn = fn
         self.enabled = enabled
         self.warmup = warmup
         self.pool = pool
+        self.share_pool = share_pool
         self.copy_inputs = copy_inputs
         self.graphs: dict[object, _Captured] = {}
         self.stats = GraphStats()
@@ -61,6 +68,8 @@ class GraphRunner:
     def clear(self) -> None:
         """Drop every captured graph (e.g. after buffers they read were reallocated)."""
         self.graphs.clear()
+        if self.share_pool:
+            self.pool = None  # a fresh pool for the next captures; the old one goes with them
 
     def _use_graphs(self, inputs) -> bool:
         return (
@@ -72,6 +81,8 @@ class GraphRunner:
     def capture(self, key, *inputs: torch.Tensor) -> _Captured:
         """Capture ``fn`` for this bucket (warm-up included); returns the captured entry."""
         t0 = time.perf_counter()
+        if self.share_pool and self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         static = tuple(
             t.clone() if self.copy_inputs and isinstance(t, torch.Tensor) else t for t in inputs
         )

@@ -394,8 +394,9 @@ class TextDecoder(nn.Module):
         self.norm = LayerNorm(d)
         self.skinny_step = False
 
-    def run(self, x: Tensor, p: _Pass) -> Tensor:
-        """Embedded tokens (B, T, D) -> logits (B, T, V) in FP32."""
+    def run(self, x: Tensor, p: _Pass, at: Tensor | None = None) -> Tensor:
+        """Embedded tokens (B, T, D) -> logits (B, T, V) in FP32, or (B, K, V) of the
+        positions ``at`` (K,) long only (gathered before the output projection)."""
         x = x.to(self.tok_emb.weight.dtype)
         if p.fused and p.kind == "step" and self.skinny_step:
             return self._step_fused(x, p)
@@ -405,6 +406,8 @@ class TextDecoder(nn.Module):
             for layer in self.layers:
                 x = layer(x, p)
             x = self.norm(x)
+        if at is not None:
+            x = x.index_select(1, at)  # (B, K, D)
         return (x @ torch.transpose(self.tok_emb.weight.to(x.dtype), 0, 1)).float()
 
     def _layers_fused(self, x: Tensor, p: _Pass) -> Tensor:
@@ -514,10 +517,16 @@ class WhisperNet(nn.Module):
             if fused:
                 layer.self_attn.packed_qkv()
 
-    def prefill(self, tokens: Tensor) -> Tensor:
-        """tokens (B, T) at positions [0, T) -> logits (B, T, V) FP32; fills the cache."""
-        p = _Pass("prefill", fused=self.uses_kernels(tokens.device))
-        return self.decoder.run(self.decoder.embed(tokens), p)
+    def prefill(
+        self, tokens: Tensor, at: Tensor | None = None, n_audio: int | None = None
+    ) -> Tensor:
+        """tokens (B, T) at positions [0, T) -> logits (B, T, V) FP32; fills the cache [0, T).
+
+        ``at`` (K,) long: only the logits of those positions, (B, K, V) (the hidden states are
+        gathered before the output projection, so no (B, T, V) tensor is made); ``n_audio``: as
+        in :meth:`step`. No host sync: graph-safe once caches exist."""
+        p = _Pass("prefill", n_audio=n_audio, fused=self.uses_kernels(tokens.device))
+        return self.decoder.run(self.decoder.embed(tokens), p, at)
 
     def step(
         self,

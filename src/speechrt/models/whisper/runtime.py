@@ -38,7 +38,8 @@ class WhisperModel:
     """A Whisper network ready to decode.
 
     ``dtype`` defaults to FP32 on CPU and FP16 on CUDA (LayerNorm always runs in FP32). On CUDA
-    window decoding replays the decode step from CUDA graphs (``engine``, a
+    window decoding replays the cross-attention K/V (``set_audio``), the prompt's prefill and each
+    decode step from CUDA graphs (``engine``, a
     :class:`~speechrt.engine.decode_graphs.DecodeEngine`) and the network takes its Triton
     kernel path; :meth:`configure` switches either off (e.g. for comparisons). The encoder is
     replayed from a CUDA graph per batch bucket too (batches padded with silent windows; at batch

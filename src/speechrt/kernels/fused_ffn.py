@@ -82,25 +82,30 @@ class FfnConfig:
 
 
 # Candidates for float16/bfloat16 at D <= 256 (BLOCK_N = 256), swept by bench/ffn_micro.py.
-# Registers: the (BLOCK_M, 256) float32 accumulator is 256 * BLOCK_M / (32 * warps) registers a
-# thread (64 rows, 8 warps: 64), plus the (BLOCK_M, BLOCK_H) hidden chunk. Shared memory: a
-# pipeline stage holds a W1 and a W2 chunk, 2 * 256 * BLOCK_H * 2 bytes (BLOCK_H 64: 64 KiB),
-# next to the (BLOCK_M, 256) input tile: BLOCK_H 128 fits one stage only at BLOCK_N 256.
+# The (BLOCK_M, 256) float32 accumulator takes BLOCK_M * 256 / (32 * warps) registers a thread.
+# Compiled offline for sm_90 (Triton 3.9 + ptxas: registers a thread, spill bytes, shared
+# memory): 64-row tiles with 8 warps take ~230 registers without spills (wgmma, cp.async
+# pipeline; h64 s2 160 KiB, h64 s3 224 KiB, h32 s3 128 KiB); with 4 warps they spill ~480
+# bytes; 128-row tiles spill ~630 bytes with 8 warps and ~700 with 16 (128 registers); 32-row
+# tiles run mma.sync (wgmma needs 64 rows), 245 registers, no spills; BLOCK_H 128 fits one stage
+# only (s2: 288 KiB). One spilling 128-row and one single-stage BLOCK_H 128 entry stay in the
+# sweep, to be measured rather than assumed.
 CONFIGS: tuple[FfnConfig, ...] = (
     FfnConfig(64, 64, 8, 2),
-    FfnConfig(64, 32, 4, 3),
+    FfnConfig(64, 32, 8, 3),
     FfnConfig(64, 32, 8, 4),
-    FfnConfig(64, 64, 4, 2),
-    FfnConfig(128, 64, 8, 2),
-    FfnConfig(128, 32, 8, 3),
-    FfnConfig(32, 64, 4, 3),
+    FfnConfig(64, 64, 8, 3),
+    FfnConfig(64, 32, 8, 2),
+    FfnConfig(32, 32, 4, 3),
     FfnConfig(32, 32, 4, 4),
+    FfnConfig(32, 64, 4, 3),
+    FfnConfig(128, 32, 8, 3),
     FfnConfig(64, 128, 8, 1),
-    FfnConfig(32, 128, 4, 1),
 )
-# Float32 (IEEE dots on CUDA cores): small row tiles keep both accumulators in registers.
+# Float32 (IEEE dots on CUDA cores): 32 x 32 with 8 warps (164 registers) and 16-row tiles
+# (4 warps: 202) compile without spills; 32 x 32 with 4 warps spills.
 CONFIGS_FP32: tuple[FfnConfig, ...] = (
-    FfnConfig(32, 32, 4, 2),
+    FfnConfig(32, 32, 8, 2),
     FfnConfig(16, 32, 4, 2),
 )
 
@@ -171,16 +176,16 @@ def _ffn_add_ln_kernel(
 
 def default_config(m: int, d: int, h: int, dtype: torch.dtype, device: torch.device) -> FfnConfig:
     """The launch configuration used when none is given, for ``m`` rows, width ``d`` and hidden
-    ``h``: 64-row tiles and 64-wide hidden chunks (8 warps, 2 stages), 32-row tiles (4 warps, 3
-    stages) when 64-row ones would leave SMs idle. A starting point, not yet measured on the
-    H200 (bench/ffn_micro.py sweeps :data:`CONFIGS`)."""
+    ``h``: 64-row tiles and 64-wide hidden chunks (8 warps, 2 stages: wgmma, no spills), 32-row
+    tiles (4 warps, 3 stages) when 64-row ones would leave SMs idle. A starting point from the
+    sm_90 compile (see :data:`CONFIGS`), not yet timed on the H200 (bench/ffn_micro.py)."""
     if interpreting():  # few, large programs: the interpreter's cost is per program and op
         bm = max(16, min(64, next_power_of_2(m)))
         return FfnConfig(bm, max(16, min(128, next_power_of_2(h))), 4, 1)
     if dtype == torch.float32:
         return CONFIGS_FP32[0]
     if cdiv(m, 64) < sm_count(device):
-        return FfnConfig(32, 64, 4, 3)
+        return FfnConfig(32, 32, 4, 3)
     return FfnConfig(64, 64, 8, 2)
 
 

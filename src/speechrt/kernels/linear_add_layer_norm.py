@@ -9,7 +9,8 @@ tensor goes through memory and no LayerNorm kernel is launched.
 Each program computes (BLOCK_M, BLOCK_N) outputs, BLOCK_N the next power of two >= D (masked
 columns), with a K loop of ``tl.dot`` (float32 accumulation; tensor cores for float16/bfloat16,
 IEEE float32 products for float32). The epilogue updates the float32 residual stream in place
-and writes ``y`` with two-pass float32 statistics of the stored h.
+and writes ``y`` with two-pass float32 statistics of the stored h; that epilogue,
+:func:`add_layer_norm_epilogue`, also ends :mod:`speechrt.kernels.fused_ffn`'s kernel.
 :func:`linear_add_layer_norm_ref` is the plain-torch reference tests and benchmarks import.
 """
 

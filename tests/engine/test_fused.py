@@ -236,3 +236,41 @@ def test_triton_ffn_half_precision_graphs(shared, dtype):
     for _ in range(2):  # capture, then replay
         b, _ = fast.encode(feats, lens)
     _check_gates(a, al, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_fused_ffn_switch(shared, dtype, monkeypatch):
+    """fused_ffn (off by default): the macaron and the second FFN of every block, each with its
+    residual add and LayerNorm, as one ffn_add_layer_norm kernel. On gives the output of off
+    (float32: and of the torch modules) within tolerance; off never calls the kernel. The row
+    threshold is lifted: the fixture's few frames would keep the two-kernel path on a GPU."""
+    import speechrt.models.conformer.fused as fused_mod
+
+    kernel, calls = fused_mod.ffn_add_layer_norm, []
+
+    def spy(*args, **kw):
+        calls.append(args[1].shape)
+        return kernel(*args, **kw)
+
+    monkeypatch.setattr(fused_mod, "ffn_add_layer_norm", spy)
+    monkeypatch.setattr(fused_mod, "FUSED_FFN_ROWS_PER_SM", 0)
+    d, feats, lens = _load(shared, "conformer_ctc_aed")
+    ref = load_wenet(d, device=DEVICE, engine="torch")
+    fast = load_wenet(d, device=DEVICE, dtype=dtype, engine="fused", cuda_graphs=False)
+    enc = fast.engine.encoder
+    assert not enc.fused_ffn
+    a, al = ref.encode(feats, lens)
+    off, _ = fast.encode(feats, lens)
+    assert not calls
+    enc.fused_ffn = True
+    on, ol = fast.encode(feats, lens)
+    assert len(calls) == 2 * len(enc.blocks)
+    assert al.tolist() == ol.tolist()
+    for i, n in enumerate(al.tolist()):
+        if dtype == "fp32":
+            torch.testing.assert_close(on[i, :n], a[i, :n], atol=ATOL, rtol=1e-5)
+            torch.testing.assert_close(on[i, :n], off[i, :n], atol=ATOL, rtol=1e-5)
+        else:  # off rounds each FFN branch to float16 before the float32 add, on does not
+            torch.testing.assert_close(on[i, :n], off[i, :n], atol=1e-2, rtol=1e-2)
+    if dtype == "fp16":
+        _check_gates(a, al, on, dtype)

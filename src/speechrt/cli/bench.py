@@ -65,7 +65,7 @@ def add_parser(sub) -> None:
         default=[],
         metavar="NAME=on|off",
         help="conformer/moe: set a fused-encoder switch (triton_front, triton_ffn, "
-        "triton_add_ln, fp32_branches, tf32_attention) before timing; repeatable",
+        "triton_add_ln, fp32_branches, tf32_attention, fused_ffn) before timing; repeatable",
     )
     m = p.add_argument_group("moe")
     m.add_argument(

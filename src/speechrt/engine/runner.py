@@ -22,6 +22,7 @@ ENCODER_SWITCHES = (
     "triton_add_ln",
     "fp32_branches",
     "tf32_attention",
+    "fused_ffn",
 )
 
 

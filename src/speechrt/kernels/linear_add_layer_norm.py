@@ -9,7 +9,8 @@ tensor goes through memory and no LayerNorm kernel is launched.
 Each program computes (BLOCK_M, BLOCK_N) outputs, BLOCK_N the next power of two >= D (masked
 columns), with a K loop of ``tl.dot`` (float32 accumulation; tensor cores for float16/bfloat16,
 IEEE float32 products for float32). The epilogue updates the float32 residual stream in place
-and writes ``y`` with two-pass float32 statistics of the stored h.
+and writes ``y`` with two-pass float32 statistics of the stored h; that epilogue,
+:func:`add_layer_norm_epilogue`, also ends :mod:`speechrt.kernels.fused_ffn`'s kernel.
 :func:`linear_add_layer_norm_ref` is the plain-torch reference tests and benchmarks import.
 """
 
@@ -45,6 +46,8 @@ __all__ = [
     "CONFIGS",
     "MAX_D",
     "AddLnConfig",
+    "add_layer_norm_epilogue",
+    "check_residual_and_params",
     "linear_add_layer_norm",
     "linear_add_layer_norm_ref",
 ]
@@ -82,6 +85,46 @@ CONFIGS_FP32: tuple[AddLnConfig, ...] = (
     AddLnConfig(32, 32, 4, 2),
     AddLnConfig(16, 32, 4, 2),
 )
+
+
+@triton.jit
+def add_layer_norm_epilogue(
+    acc,  # (BLOCK_M, BLOCK_N) float32 branch accumulator (columns >= D are zero)
+    rows,  # (BLOCK_M,) row indices of the tile
+    cols,  # (BLOCK_N,) column indices, 0..BLOCK_N-1
+    M,
+    D,
+    BIAS,  # (D,) branch bias (HAS_BIAS)
+    R,  # (M, D) float32 residual stream, contiguous; updated in place
+    LW,  # (D,) LayerNorm weight (HAS_LW)
+    LB,  # (D,) LayerNorm bias (HAS_LB)
+    Y,  # (M, D) normalised output, contiguous
+    eps,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    HAS_LW: tl.constexpr,
+    HAS_LB: tl.constexpr,
+):
+    """GEMM epilogue shared by the fused kernels: ``h = r + scale * (acc + bias)`` stored in
+    place, ``y = LayerNorm(h)`` with two-pass float32 statistics of the stored h."""
+    row_ok = rows < M
+    col_ok = cols < D
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    r = tl.load(R + offs, mask=mask, other=0.0)
+    h = r + scale * acc
+    tl.store(R + offs, h, mask=mask)
+    mean = tl.sum(tl.where(mask, h, 0.0), axis=1) / D
+    hc = tl.where(mask, h - mean[:, None], 0.0)
+    var = tl.sum(hc * hc, axis=1) / D
+    y = hc * (1.0 / tl.sqrt(var + eps))[:, None]
+    if HAS_LW:
+        y *= tl.load(LW + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LB:
+        y += tl.load(LB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -124,23 +167,9 @@ def _linear_add_ln_kernel(
         if UPCAST:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)  # w: (BLOCK_K, BLOCK_N)
-    # Epilogue: h = r + scale * (acc + bias) stored in place, y = LayerNorm(h).
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-    r = tl.load(R + offs, mask=mask, other=0.0)
-    h = r + scale * acc
-    tl.store(R + offs, h, mask=mask)
-    mean = tl.sum(tl.where(mask, h, 0.0), axis=1) / D
-    hc = tl.where(mask, h - mean[:, None], 0.0)
-    var = tl.sum(hc * hc, axis=1) / D
-    y = hc * (1.0 / tl.sqrt(var + eps))[:, None]
-    if HAS_LW:
-        y *= tl.load(LW + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_LB:
-        y += tl.load(LB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    add_layer_norm_epilogue(
+        acc, rows, cols, M, D, BIAS, R, LW, LB, Y, eps, scale, HAS_BIAS, HAS_LW, HAS_LB
+    )
 
 
 def _default_config(m: int, k: int, dtype: torch.dtype, device: torch.device) -> AddLnConfig:
@@ -174,15 +203,28 @@ def _check_inputs(
         )
     if weight.dtype != z.dtype:
         raise ValueError(f"weight is {weight.dtype} but z is {z.dtype}")
+    check_residual_and_params("residual", residual, (*z.shape[:-1], d), params)
+
+
+def check_residual_and_params(
+    name: str,
+    residual: torch.Tensor,
+    shape: tuple[int, ...],
+    params: dict[str, torch.Tensor | None],
+) -> None:
+    """The epilogue's operands (:func:`add_layer_norm_epilogue`): ``residual`` a contiguous
+    float32 tensor of ``shape`` (..., D), each of ``params`` None or a contiguous (D,) vector."""
     if residual.dtype != torch.float32 or not residual.is_contiguous():
-        raise ValueError(f"residual must be a contiguous float32 tensor, got {residual.dtype}")
-    if tuple(residual.shape) != (*z.shape[:-1], d):
         raise ValueError(
-            f"residual must be {(*z.shape[:-1], d)} (z rows, D), got {tuple(residual.shape)}"
+            f"{name} must be a contiguous float32 tensor, got a "
+            f"{'' if residual.is_contiguous() else 'non-contiguous '}{residual.dtype} one"
         )
-    for name, p in params.items():
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {tuple(shape)} (rows, D), got {tuple(residual.shape)}")
+    d = shape[-1]
+    for pname, p in params.items():
         if p is not None and (tuple(p.shape) != (d,) or p.stride(0) != 1):
-            raise ValueError(f"{name} must be a contiguous ({d},) tensor, got {tuple(p.shape)}")
+            raise ValueError(f"{pname} must be a contiguous ({d},) tensor, got {tuple(p.shape)}")
 
 
 def linear_add_layer_norm(

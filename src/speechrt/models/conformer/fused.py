@@ -14,6 +14,8 @@ Each pre-norm Conformer block runs as::
     x, y = add_LN(out(attn(qkv y)), x, LN_conv, bias=b_out)
     x, y = add_LN(pw2(glu_dwconv_bn_act(pw1 y)), x, LN_ff, bias=b_pw2)
     x, _ = add_LN(w2(act(w1 y)), x, LN_final, bias=b2, scale=0.5)   -> block output
+
+With ``fused_ffn`` each of the two FFN lines runs as one kernel, its hidden activations on chip.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from speechrt.engine.precision import Precision
-from speechrt.kernels._utils import triton_importable
+from speechrt.kernels._utils import interpreting, sm_count, triton_importable
 from speechrt.kernels.attention import MAX_HEAD_DIM, attention, rel_pos_attention
 from speechrt.kernels.conv_module import fold_batch_norm, glu_depthwise_conv
 from speechrt.kernels.conv_subsampling import (
@@ -34,6 +36,7 @@ from speechrt.kernels.conv_subsampling import (
     conv_subsampling,
     pack_conv_subsampling,
 )
+from speechrt.kernels.fused_ffn import ffn_add_layer_norm
 from speechrt.kernels.gemm import linear_fp32_out, mm_fp32_out_supported
 from speechrt.kernels.layer_norm import add_layer_norm, layer_norm
 from speechrt.kernels.linear_act import linear_act
@@ -47,6 +50,11 @@ from speechrt.models.conformer.model import ConformerASR
 
 _ACT = {"swish": F.silu, "silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 _DENSE = ("position_wise_feed_forward", True)
+# ``fused_ffn`` runs an FFN as one kernel only with at least this many rows per SM: a program owns
+# BLOCK_M (32-128) rows and the whole hidden loop, so fewer rows than 32 a SM leave SMs idle that
+# the two-kernel path's (rows, H) GEMM tiles would fill (H200: 132 SMs -> 4224 rows, B x T' after
+# subsampling). A judgement pending bench/ffn_micro.py's 1024/4096/16384-row measurements.
+FUSED_FFN_ROWS_PER_SM = 32
 
 
 def encoder_unsupported(enc: EncoderConfig) -> str | None:
@@ -156,6 +164,17 @@ class FusedEncoder:
     mantissa bits instead of being rounded to bfloat16's 7). Default off: on the trained model
     it kept no more text than the bfloat16 dots (493 vs 495 of 500 utterances, CTC greedy) and
     cost up to 6 % (BENCHMARKS.md); also an attribute.
+
+    ``fused_ffn``: run the macaron FFN and the dense second FFN of every block, each with its
+    residual add and the next LayerNorm, as one
+    :func:`~speechrt.kernels.fused_ffn.ffn_add_layer_norm` kernel (the (rows, H) hidden tensor
+    never goes through memory) instead of ``linear_act``/cuBLAS + the add + LayerNorm site. Taken
+    where D <= 256, the residual stream is contiguous float32 and Triton can run (CUDA, or the
+    interpreter) and, on CUDA, with at least ``FUSED_FFN_ROWS_PER_SM`` rows per SM; other
+    shapes keep the two-kernel path. The hidden is rounded to the compute dtype as ``linear_act``
+    rounds it, and the branch joins the float32 stream unrounded (as with ``triton_add_ln``).
+    Default off (not yet measured on the H200: bench/ffn_micro.py); also an attribute. A
+    subclass that overrides :meth:`_second_ffn_add_ln` decides for its own second FFN.
     """
 
     def __init__(
@@ -168,6 +187,7 @@ class FusedEncoder:
         triton_add_ln: bool | None = None,
         fp32_branches: bool | None = None,
         tf32_attention: bool = False,
+        fused_ffn: bool = False,
     ):
         reason = encoder_unsupported(enc.cfg)
         if reason:
@@ -194,6 +214,7 @@ class FusedEncoder:
             fp32_branches = self.dtype == torch.bfloat16 and self.residual_dtype == torch.float32
         self.fp32_branches = fp32_branches
         self.tf32_attention = tf32_attention
+        self.fused_ffn = fused_ffn
         if fp32_branches and enc.final_norm.weight.is_cuda:
             mm_fp32_out_supported(enc.final_norm.weight.device, self.dtype)  # probe before capture
         self.sub_dtype = self.dtype
@@ -378,6 +399,33 @@ class FusedEncoder:
             and x.is_contiguous()
         )
 
+    def _fuse_ffn(self, x: torch.Tensor) -> bool:
+        """Whether an FFN -> residual add + LayerNorm site runs as one kernel for residual x
+        (B, T, D) (see ``fused_ffn`` in the class doc)."""
+        if not (
+            self.fused_ffn
+            and x.shape[-1] <= ADD_LN_MAX_D
+            and x.dtype == torch.float32
+            and x.is_contiguous()
+            and triton_importable()
+        ):
+            return False
+        if not x.is_cuda:
+            return interpreting()
+        return x.numel() // x.shape[-1] >= FUSED_FFN_ROWS_PER_SM * sm_count(x.device)
+
+    def _ffn_add_ln(self, y, w1, b1, w2, b2, x, n, scale, y_dtype=None):
+        """FFN on y (B, T, D): residual ``x + scale * (w2 act(w1 y + b1) + b2)`` and its
+        LayerNorm ``n`` -> (x, y in y_dtype, default the compute dtype); one kernel that updates
+        x in place when :meth:`_fuse_ffn`, else the hidden (B, T, H) then :meth:`_linear_add_ln`."""
+        if self._fuse_ffn(x):
+            return ffn_add_layer_norm(
+                y, w1, b1, w2, x, n.weight, n.bias, n.eps, b2=b2, scale=scale,
+                activation=self.act_name, y_dtype=y_dtype or self.dtype,
+            )  # fmt: skip
+        z = self._ffn_hidden(y, w1, b1)
+        return self._linear_add_ln(z, w2, x, n, b2, scale, y_dtype=y_dtype)
+
     def _linear_add_ln(self, z, w, x, n, bias, scale=1.0, y_dtype=None):
         """z (B, T, K) @ w^T (D, K): residual ``x + scale * (z w^T + bias)`` and its
         LayerNorm ``n`` -> (x (B, T, D), y (B, T, D) in y_dtype, default the compute dtype).
@@ -396,11 +444,9 @@ class FusedEncoder:
         """Second FFN of the block on norm_ff's output y (B, T', D), residual add (scale 0.5) and
         norm_final -> norm_final's output (B, T', D) in the residual dtype (the next block's
         stream). ff_context: the encoder's side input (unused by the dense FFN)."""
-        z = self._ffn_hidden(y, blk["ff_w1"], blk["ff_b1"])
+        w1, b1, w2, b2 = blk["ff_w1"], blk["ff_b1"], blk["ff_w2"], blk["ff_b2"]
         n = blk["norm_final"]
-        return self._linear_add_ln(
-            z, blk["ff_w2"], x, n, blk["ff_b2"], 0.5, y_dtype=self.residual_dtype
-        )[1]
+        return self._ffn_add_ln(y, w1, b1, w2, b2, x, n, 0.5, y_dtype=self.residual_dtype)[1]
 
     def _add_final_norm(self, f, x, blk, f_bias=None):
         """norm_final(x + 0.5 * (f + f_bias)) in the residual dtype: for a subclass's FFN output
@@ -414,8 +460,8 @@ class FusedEncoder:
     def _block(self, x, y, blk, lengths, chunk, left, pe, ff_context=None):
         b, t, d = x.shape
         h, dk = self.n_head, d // self.n_head
-        f = self._ffn_hidden(y, blk["mac_w1"], blk["mac_b1"])  # (B, T, H)
-        x, y = self._linear_add_ln(f, blk["mac_w2"], x, blk["norm_attn"], blk["mac_b2"], 0.5)
+        w1, b1, w2, b2 = blk["mac_w1"], blk["mac_b1"], blk["mac_w2"], blk["mac_b2"]
+        x, y = self._ffn_add_ln(y, w1, b1, w2, b2, x, blk["norm_attn"], 0.5)
         qkv = F.linear(y, blk["qkv_w"], blk["qkv_b"]).view(b, t, 3, h, dk)
         p = self._pos_proj(blk, pe).view(t, h, dk)
         att = rel_pos_attention(

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from speechrt.errors import UnsupportedOptionError
 from speechrt.kernels._utils import (
     MISSING_TL,
     MISSING_TRITON,
@@ -61,6 +62,7 @@ __all__ = [
     "CONFIGS",
     "ConvFrontConfig",
     "ConvSubsamplingWeights",
+    "HALF_CHANNEL_MULTIPLE",
     "conv_subsampling",
     "conv_subsampling_ref",
     "output_size",
@@ -105,6 +107,10 @@ CONFIGS_FP32: tuple[ConvFrontConfig, ...] = (
     ConvFrontConfig(64, 128, 32, 8, 2),
 )
 PATCH = 64  # 7 x 7 input samples + 1 (the bias column), padded to a power of two
+# Half-precision channel counts the kernel is verified for on CUDA: on the H200 (Triton 3.6)
+# C = 24 gave wrong outputs at every shape while 8, 40, 48, 72, 80, 144 and 176 were right
+# (BENCHMARKS.md, session 4); until that is understood only multiples of 16 are accepted.
+HALF_CHANNEL_MULTIPLE = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +340,11 @@ def conv_subsampling(
     _check_cmvn(mean, istd, f)
     w = weights
     c = w.channels
+    if x.is_cuda and w.dtype != torch.float32 and c % HALF_CHANNEL_MULTIPLE:
+        raise UnsupportedOptionError(
+            f"the Triton conv front needs channels divisible by {HALF_CHANNEL_MULTIPLE} in "
+            f"{w.dtype} on CUDA, got {c} (the cuDNN front covers any count)"
+        )
     t2, f2 = output_size(t), output_size(f)
     y = out_or_empty(out, (b, t2, f2 * c), w.dtype, x.device)
     tensors = [x, w.w1, w.w2, w.b2] + [v for v in (mean, istd) if v is not None]

@@ -32,6 +32,7 @@ from speechrt.kernels._utils import interpreting, sm_count, triton_importable
 from speechrt.kernels.attention import MAX_HEAD_DIM, attention, rel_pos_attention
 from speechrt.kernels.conv_module import fold_batch_norm, glu_depthwise_conv
 from speechrt.kernels.conv_subsampling import (
+    HALF_CHANNEL_MULTIPLE,
     ConvSubsamplingWeights,
     conv_subsampling,
     pack_conv_subsampling,
@@ -254,11 +255,21 @@ class FusedEncoder:
     def _pack_front(self, sub, wanted: bool | None) -> tuple[ConvSubsamplingWeights | None, bool]:
         """(packed conv weights for the Triton front or None if it cannot compute this input
         layer, whether to use it). ``wanted`` None: on for a CUDA model with Triton installed."""
+        reason = None
         if not _conv_front_kernel_fits(sub):
+            reason = f"the Triton conv front computes conv2d (4x) subsampling, not {sub.kind}"
+        elif (
+            sub.convs[0].weight.is_cuda
+            and self.dtype != torch.float32
+            and sub.convs[0].out_channels % HALF_CHANNEL_MULTIPLE
+        ):
+            reason = (
+                f"the Triton conv front needs channels divisible by {HALF_CHANNEL_MULTIPLE} in "
+                f"half precision on CUDA, not {sub.convs[0].out_channels}"
+            )
+        if reason:
             if wanted:
-                raise ValueError(
-                    f"the Triton conv front computes conv2d (4x) subsampling, not {sub.kind}"
-                )
+                raise ValueError(reason)
             return None, False
         if wanted is None:
             wanted = sub.convs[0].weight.is_cuda and triton_importable()

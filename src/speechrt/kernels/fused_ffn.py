@@ -176,17 +176,17 @@ def _ffn_add_ln_kernel(
 
 def default_config(m: int, d: int, h: int, dtype: torch.dtype, device: torch.device) -> FfnConfig:
     """The launch configuration used when none is given, for ``m`` rows, width ``d`` and hidden
-    ``h``: 64-row tiles and 64-wide hidden chunks (8 warps, 2 stages: wgmma, no spills), 32-row
-    tiles (4 warps, 3 stages) when 64-row ones would leave SMs idle. A starting point from the
-    sm_90 compile (see :data:`CONFIGS`), not yet timed on the H200 (bench/ffn_micro.py)."""
+    ``h``: the H200 sweep's best (bench/ffn_micro.py, BENCHMARKS.md session 4) -- 128-row tiles
+    with 32-wide hidden chunks (8 warps, 3 stages) when they fill the SMs (16,384 rows: 0.147 ms
+    at D=256, H=2048), else 32-row tiles with 64-wide chunks (4 warps, 3 stages)."""
     if interpreting():  # few, large programs: the interpreter's cost is per program and op
         bm = max(16, min(64, next_power_of_2(m)))
         return FfnConfig(bm, max(16, min(128, next_power_of_2(h))), 4, 1)
     if dtype == torch.float32:
         return CONFIGS_FP32[0]
-    if cdiv(m, 64) < sm_count(device):
-        return FfnConfig(32, 32, 4, 3)
-    return FfnConfig(64, 64, 8, 2)
+    if cdiv(m, 128) < sm_count(device):
+        return FfnConfig(32, 64, 4, 3)
+    return FfnConfig(128, 32, 8, 3)
 
 
 def _check_inputs(

@@ -54,7 +54,7 @@ _DENSE = ("position_wise_feed_forward", True)
 # ``fused_ffn`` runs an FFN as one kernel only with at least this many rows per SM: a program owns
 # BLOCK_M (32-128) rows and the whole hidden loop, so fewer rows than 32 a SM leave SMs idle that
 # the two-kernel path's (rows, H) GEMM tiles would fill (H200: 132 SMs -> 4224 rows, B x T' after
-# subsampling). A judgement pending bench/ffn_micro.py's 1024/4096/16384-row measurements.
+# subsampling). Even above it the kernel measured slower than the two-kernel path (session 4).
 FUSED_FFN_ROWS_PER_SM = 32
 
 
@@ -174,7 +174,9 @@ class FusedEncoder:
     interpreter) and, on CUDA, with at least ``FUSED_FFN_ROWS_PER_SM`` rows per SM; other
     shapes keep the two-kernel path. The hidden is rounded to the compute dtype as ``linear_act``
     rounds it, and the branch joins the float32 stream unrounded (as with ``triton_add_ln``).
-    Default off (not yet measured on the H200: bench/ffn_micro.py); also an attribute. A
+    Default off: on the H200 it is slower than the two-kernel path (bench/ffn_micro.py, FP16,
+    D=256, H=2048: 0.147 vs 0.107 ms at 16,384 rows with its best tiles, 0.067 vs 0.032 ms at
+    4,096; the 64x1024 encoder 8.5 vs 5.5 ms with the untuned tiles); also an attribute. A
     subclass that overrides :meth:`_second_ffn_add_ln` decides for its own second FFN.
     """
 

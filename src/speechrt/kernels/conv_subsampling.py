@@ -63,6 +63,7 @@ __all__ = [
     "ConvFrontConfig",
     "ConvSubsamplingWeights",
     "HALF_CHANNEL_MULTIPLE",
+    "channels_unsupported",
     "conv_subsampling",
     "conv_subsampling_ref",
     "output_size",
@@ -111,6 +112,17 @@ PATCH = 64  # 7 x 7 input samples + 1 (the bias column), padded to a power of tw
 # C = 24 gave wrong outputs at every shape while 8, 40, 48, 72, 80, 144 and 176 were right
 # (BENCHMARKS.md, session 4); until that is understood only multiples of 16 are accepted.
 HALF_CHANNEL_MULTIPLE = 16
+
+
+def channels_unsupported(channels: int, dtype: torch.dtype, cuda: bool) -> str | None:
+    """None if the kernel computes ``channels`` channels in ``dtype`` (on CUDA if ``cuda``),
+    else the reason (see HALF_CHANNEL_MULTIPLE)."""
+    if cuda and dtype != torch.float32 and channels % HALF_CHANNEL_MULTIPLE:
+        return (
+            f"the Triton conv front needs channels divisible by {HALF_CHANNEL_MULTIPLE} in "
+            f"{dtype} on CUDA, got {channels} (the cuDNN front covers any count)"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,11 +352,9 @@ def conv_subsampling(
     _check_cmvn(mean, istd, f)
     w = weights
     c = w.channels
-    if x.is_cuda and w.dtype != torch.float32 and c % HALF_CHANNEL_MULTIPLE:
-        raise UnsupportedOptionError(
-            f"the Triton conv front needs channels divisible by {HALF_CHANNEL_MULTIPLE} in "
-            f"{w.dtype} on CUDA, got {c} (the cuDNN front covers any count)"
-        )
+    reason = channels_unsupported(c, w.dtype, x.is_cuda)
+    if reason:
+        raise UnsupportedOptionError(reason)
     t2, f2 = output_size(t), output_size(f)
     y = out_or_empty(out, (b, t2, f2 * c), w.dtype, x.device)
     tensors = [x, w.w1, w.w2, w.b2] + [v for v in (mean, istd) if v is not None]

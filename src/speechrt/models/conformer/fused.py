@@ -32,8 +32,8 @@ from speechrt.kernels._utils import interpreting, sm_count, triton_importable
 from speechrt.kernels.attention import MAX_HEAD_DIM, attention, rel_pos_attention
 from speechrt.kernels.conv_module import fold_batch_norm, glu_depthwise_conv
 from speechrt.kernels.conv_subsampling import (
-    HALF_CHANNEL_MULTIPLE,
     ConvSubsamplingWeights,
+    channels_unsupported,
     conv_subsampling,
     pack_conv_subsampling,
 )
@@ -257,18 +257,11 @@ class FusedEncoder:
     def _pack_front(self, sub, wanted: bool | None) -> tuple[ConvSubsamplingWeights | None, bool]:
         """(packed conv weights for the Triton front or None if it cannot compute this input
         layer, whether to use it). ``wanted`` None: on for a CUDA model with Triton installed."""
-        reason = None
         if not _conv_front_kernel_fits(sub):
             reason = f"the Triton conv front computes conv2d (4x) subsampling, not {sub.kind}"
-        elif (
-            sub.convs[0].weight.is_cuda
-            and self.dtype != torch.float32
-            and sub.convs[0].out_channels % HALF_CHANNEL_MULTIPLE
-        ):
-            reason = (
-                f"the Triton conv front needs channels divisible by {HALF_CHANNEL_MULTIPLE} in "
-                f"half precision on CUDA, not {sub.convs[0].out_channels}"
-            )
+        else:
+            c1 = sub.convs[0]
+            reason = channels_unsupported(c1.out_channels, self.dtype, c1.weight.is_cuda)
         if reason:
             if wanted:
                 raise ValueError(reason)
@@ -403,25 +396,20 @@ class FusedEncoder:
             return linear_act(y, w1, b1, self.act_name)
         return self.act(F.linear(y, w1, b1))
 
+    @staticmethod
+    def _row_epilogue_fits(x: torch.Tensor) -> bool:
+        """Whether residual x (B, T, D) can be updated by a kernel owning whole rows (an
+        add + LayerNorm epilogue): D <= 256, contiguous float32."""
+        return x.shape[-1] <= ADD_LN_MAX_D and x.dtype == torch.float32 and x.is_contiguous()
+
     def _fuse_add_ln(self, x: torch.Tensor) -> bool:
         """Whether the GEMM -> add + LayerNorm sites run as one kernel for residual x."""
-        return (
-            self.triton_add_ln
-            and x.shape[-1] <= ADD_LN_MAX_D
-            and x.dtype == torch.float32
-            and x.is_contiguous()
-        )
+        return self.triton_add_ln and self._row_epilogue_fits(x)
 
     def _fuse_ffn(self, x: torch.Tensor) -> bool:
         """Whether an FFN -> residual add + LayerNorm site runs as one kernel for residual x
         (B, T, D) (see ``fused_ffn`` in the class doc)."""
-        if not (
-            self.fused_ffn
-            and x.shape[-1] <= ADD_LN_MAX_D
-            and x.dtype == torch.float32
-            and x.is_contiguous()
-            and triton_importable()
-        ):
+        if not (self.fused_ffn and self._row_epilogue_fits(x) and triton_importable()):
             return False
         if not x.is_cuda:
             return interpreting()

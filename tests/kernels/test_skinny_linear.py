@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels._utils import next_power_of_2
 from speechrt.kernels.skinny_linear import (
     CONFIGS,
+    MAX_ROW_TILE,
     SkinnyConfig,
     skinny_linear,
     skinny_linear_ref,
@@ -23,7 +25,8 @@ from speechrt.kernels.skinny_linear import (
 K, N = 77, 45  # K: not a multiple of any K tile; N: odd
 SUM_CFG = SkinnyConfig(False, 4, 8, 32, 4, 1)  # 3 K steps, 6 column blocks, rows in blocks of 4
 DOT_CFG = SkinnyConfig(True, 16, 16, 32, 4, 1)
-CONFIG_IDS = {None: "default", SUM_CFG: "sum", DOT_CFG: "dot"}
+ROW_CFG = SkinnyConfig(False, 2, 8, 0, 4, 1)  # whole-row kernel, rows in blocks of 2
+CONFIG_IDS = {None: "default", SUM_CFG: "sum", DOT_CFG: "dot", ROW_CFG: "row"}
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 
 
@@ -43,7 +46,7 @@ def _stream(m, k, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG], ids=CONFIG_IDS.get)
+@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG], ids=CONFIG_IDS.get)
 @pytest.mark.parametrize("m", [1, 3, 16, 20])
 def test_ln_prologue_bias_gelu(m, config, dtype, device, check_output):
     """hid = GELU(LN(x) @ W^T + b) from the float32 stream, out in the weight dtype."""
@@ -58,7 +61,7 @@ def test_ln_prologue_bias_gelu(m, config, dtype, device, check_output):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG], ids=CONFIG_IDS.get)
+@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG], ids=CONFIG_IDS.get)
 @pytest.mark.parametrize("m", [1, 3, 16, 20])
 def test_residual_epilogue(m, config, dtype, device, check_output):
     """x += z @ W^T + b in place on the float32 stream (z in the weight dtype)."""
@@ -74,7 +77,7 @@ def test_residual_epilogue(m, config, dtype, device, check_output):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG], ids=CONFIG_IDS.get)
+@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG], ids=CONFIG_IDS.get)
 def test_logits_float32_out_no_bias(config, dtype, device, check_output):
     """logits = LN_final(x) @ E^T, float32 out, no bias, (B, 1, D) input."""
     x = _stream(3, K, device).view(3, 1, K)
@@ -123,18 +126,35 @@ def test_half_rows_need_no_ln(device):
 
 
 def test_default_configs_are_valid(monkeypatch):
-    """The GPU defaults (the interpreter never runs them here) fit the kernel's rules."""
+    """The GPU defaults (the interpreter never runs them here) fit the kernels' rules: up to 4
+    rows the whole-row kernel within its tile and with >= 2 programs per SM where N allows."""
     import speechrt.kernels.skinny_linear as sl
 
     monkeypatch.setattr(sl, "interpreting", lambda: False)
     for m in (1, 2, 4, 8, 16, 64):
         for n, k in ((1280, 1280), (3840, 1280), (5120, 1280), (1280, 5120), (51866, 1280)):
             cfg = sl.default_config(m, n, k, torch.device("cpu"))
-            assert cfg.block_n in (8, 16, 32, 64) and 16 <= cfg.block_k <= 512
             assert cfg.use_dot == (m > 4)
-            assert not cfg.use_dot or cfg.block_n >= 16
-            assert cfg.use_dot or cfg.block_m * cfg.block_n * cfg.block_k <= 16384
+            if cfg.use_dot:
+                assert cfg.block_n in (16, 32, 64) and 16 <= cfg.block_k <= 512
+            else:
+                assert cfg.block_k == 0 and cfg.block_m == sl.MAX_ROW_ROWS
+                assert cfg.block_n * sl.next_power_of_2(k) <= sl.MAX_ROW_TILE
+                assert cfg.block_n == 1 or sl.cdiv(n, cfg.block_n) >= 2 * 132
+    k_long = 2 * sl.MAX_ROW_TILE  # too long for one tile: the tl.dot kernel
+    assert sl.default_config(1, 64, k_long, torch.device("cpu")).use_dot
     assert all(not c.use_dot or c.block_n >= 16 for c in CONFIGS)
+    assert all(c.block_k or not c.use_dot for c in CONFIGS)
+
+
+def test_whole_row_rejects_oversized_tiles(device):
+    x = torch.randn(1, 3000, device=device).half()
+    w = torch.randn(32, 3000, device=device).half()
+    big = SkinnyConfig(False, 1, 16, 0, 4, 1)  # 16 x 4096 > MAX_ROW_TILE
+    with pytest.raises(UnsupportedOptionError, match="whole-row"):
+        skinny_linear(x, w, config=big)
+    with pytest.raises(UnsupportedOptionError, match="whole-row"):
+        skinny_linear(x, w, config=SkinnyConfig(False, 8, 1, 0, 4, 1))
 
 
 def test_rejects_bad_inputs(device):
@@ -194,6 +214,11 @@ def test_whisper_shapes_every_config(m, dtype, config, device, check_output):
     """Every benchmarked config at the large-v3 decode shapes (no timing)."""
     for n, k, has_ln, act, has_res in WHISPER_SHAPES:
         w, b = _weights(n, k, device, dtype)
+        if config is not None and not config.block_k:
+            if config.block_n * next_power_of_2(k) > MAX_ROW_TILE:
+                with pytest.raises(UnsupportedOptionError, match="whole-row"):
+                    skinny_linear(_stream(m, k, device), w, b, ln=_ln(k, device), config=config)
+                continue
         ln = _ln(k, device) if has_ln else None
         x = _stream(m, k, device) if has_ln else torch.randn(m, k, device=device).to(dtype)
         kwargs = {"ln": ln, "activation": act}

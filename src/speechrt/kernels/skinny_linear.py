@@ -11,10 +11,21 @@ transformer layer needs one launch per GEMM:
 * epilogue: bias, activation (``identity`` or exact erf ``gelu``) in float32, then either a
   store in ``out_dtype`` or ``residual += y`` in place on a float32 (M, N) residual stream.
 
-Program ``(n, m)`` owns ``BLOCK_N`` output columns of ``BLOCK_M`` rows and walks K: with few
-rows (``use_dot`` off) a broadcast multiply and ``tl.sum`` over K on CUDA cores, with more rows a
-``tl.dot`` with the rows padded to 16. Small ``BLOCK_N`` gives enough programs to fill the SMs
-without split-K (results are deterministic: no atomics). Accumulation is float32 throughout.
+Two kernels, chosen by the launch configuration:
+
+* whole-row (``use_dot`` off, ``block_k`` 0, the default for up to 4 rows): program ``n`` loads
+  its ``BLOCK_N`` weight rows over ALL of K in one tile (K padded to a power of two, the padding
+  masked off) before anything else, so every byte it needs is in flight at once: a decode GEMV
+  is latency-bound, and a loop over K that waits for each chunk (Triton pipelines only loads
+  that feed ``tl.dot``) reached ~1 TB/s on the H200. The rows (1..4) then reuse the tile from
+  registers: LayerNorm statistics from the whole row in one pass, a broadcast multiply and
+  ``tl.sum`` on CUDA cores;
+* K loop (``block_k`` > 0): program ``(n, m)`` owns ``BLOCK_N`` output columns of ``BLOCK_M``
+  rows and walks K in ``BLOCK_K`` steps: a broadcast multiply + ``tl.sum``, or with more rows
+  (``use_dot``) a pipelined ``tl.dot`` with the rows padded to 16.
+
+Small ``BLOCK_N`` gives enough programs to fill the SMs without split-K (results are
+deterministic: no atomics). Accumulation is float32 throughout.
 
 ``W`` is read in ``nn.Linear`` layout (N, K). :func:`skinny_linear_ref` is the plain-torch
 reference that tests and benchmarks import.
@@ -58,6 +69,9 @@ __all__ = [
     "skinny_linear_ref",
 ]
 
+MAX_ROW_TILE = 32768  # weight elements a whole-row program holds (BLOCK_N x next_pow2(K))
+MAX_ROW_ROWS = 4  # rows the whole-row kernel takes (each reuses the weight tile)
+
 # Epilogue activations (codes of speechrt.kernels._activations.activate).
 ACTIVATIONS = {"identity": 0, "gelu": 3}
 
@@ -71,7 +85,8 @@ class SkinnyConfig:
     use_dot: ``tl.dot`` with the rows padded to 16 (else broadcast multiply + ``tl.sum``);
     block_m: at most this many rows per program (the launcher uses the next power of two of
     the row count below it, and at least 16 with ``use_dot``); block_n: output columns per
-    program; block_k: K elements per loop step.
+    program; block_k: K elements per loop step, or 0 (not with ``use_dot``): the whole-row
+    kernel, one tile over all of K (at most :data:`MAX_ROW_TILE` weight elements per program).
     """
 
     use_dot: bool
@@ -83,12 +98,14 @@ class SkinnyConfig:
 
     def __str__(self) -> str:
         kind = "dot" if self.use_dot else "sum"
-        tiles = f"m{self.block_m}n{self.block_n}k{self.block_k}"
+        k = self.block_k or "all"
+        tiles = f"m{self.block_m}n{self.block_n}k{k}"
         return f"{kind}_{tiles}w{self.num_warps}s{self.num_stages}"
 
 
 # Candidates for bench/skinny_micro.py (float16/bfloat16 on an H200, Whisper decode shapes).
 CONFIGS: tuple[SkinnyConfig, ...] = (
+    *(SkinnyConfig(False, 4, bn, 0, w, 1) for bn in (1, 2, 4, 8, 16) for w in (4, 8)),
     SkinnyConfig(False, 1, 8, 512, 4, 3),
     SkinnyConfig(False, 1, 16, 256, 4, 3),
     SkinnyConfig(False, 1, 32, 256, 4, 3),
@@ -177,6 +194,61 @@ def _skinny_linear_kernel(
     else:
         y = Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
         tl.store(y, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _skinny_rows_kernel(
+    X,  # (M, K), row stride stride_xm, unit column stride
+    W,  # (N, K), row stride stride_wn, unit column stride
+    BIAS,  # (N,) (HAS_BIAS)
+    LN_W, LN_B,  # (K,) float32 LayerNorm affine (HAS_LN_W / HAS_LN_B)
+    R,  # (M, N) float32 residual, row stride stride_rm, updated in place (HAS_RESIDUAL)
+    Y,  # (M, N) output, row stride stride_ym (not HAS_RESIDUAL)
+    M, N, K,
+    stride_xm, stride_wn, stride_rm, stride_ym,
+    eps,
+    HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_W: tl.constexpr,
+    HAS_LN_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+    ROWS: tl.constexpr,  # rows per program (program_id(1) picks the row block)
+    BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, K_PAD)
+    col_ok = cols < N
+    k_ok = ks < K
+    # every weight byte of this program in flight first: (BLOCK_N, K_PAD)
+    w_ptrs = W + cols.to(tl.int64)[:, None] * stride_wn + ks[None, :]
+    w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_LN_W:
+        ln_w = tl.load(LN_W + ks, mask=k_ok, other=0.0)
+    if HAS_LN_B:
+        ln_b = tl.load(LN_B + ks, mask=k_ok, other=0.0)
+    row0 = tl.program_id(1).to(tl.int64) * ROWS
+    for i in tl.static_range(ROWS):
+        m = row0 + i
+        a = tl.load(X + m * stride_xm + ks, mask=k_ok & (tl.zeros_like(ks) + m < M), other=0.0)
+        if HAS_LN:  # float32 statistics of the whole row, rounded to the weight dtype
+            a = a.to(tl.float32)
+            mean = tl.sum(a, axis=0) / K
+            a = tl.where(k_ok, a - mean, 0.0)
+            a *= 1.0 / tl.sqrt(tl.sum(a * a, axis=0) / K + eps)
+            if HAS_LN_W:
+                a *= ln_w
+            if HAS_LN_B:
+                a += ln_b
+            a = a.to(W.dtype.element_ty)
+        y = tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)  # (BLOCK_N,)
+        if HAS_BIAS:
+            y += bias
+        y = activate(y, ACT)
+        mask = col_ok & (tl.zeros_like(cols) + m < M)
+        if HAS_RESIDUAL:
+            r = R + m * stride_rm + cols
+            tl.store(r, tl.load(r, mask=mask, other=0.0) + y, mask=mask)
+        else:
+            tl.store(Y + m * stride_ym + cols, y.to(Y.dtype.element_ty), mask=mask)
 # fmt: on
 
 
@@ -191,23 +263,27 @@ def _fill_columns(n: int, widths: tuple[int, ...], programs: int) -> int:
 def default_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig:
     """Launch configuration for (m rows) x (n, k) weights.
 
-    At least one program per SM (no split-K, so N alone sets the program count): the widest
-    BLOCK_N that still gives that many column blocks. Up to 4 rows: broadcast multiply + sum
-    (BLOCK_N down to 8, which tl.dot cannot do; about 8K products per loop step); more rows:
-    tl.dot with the rows padded to 16 (BLOCK_N >= 16). An untuned starting point:
-    bench/skinny_micro.py measures it against every entry of :data:`CONFIGS` on the GPU.
+    Up to 4 rows: the whole-row kernel with about 16K weight elements per program (BLOCK_N =
+    16384 / next_pow2(K), 1..64), narrowed until there are two programs per SM; more rows (or
+    K too long for one tile): ``tl.dot`` with the rows padded to 16 and the widest BLOCK_N that
+    still gives one program per SM. bench/skinny_micro.py measures it against every entry of
+    :data:`CONFIGS` on the GPU.
     """
     if interpreting():  # few, large programs: the interpreter's cost is per program and op
         bk = max(16, min(128, next_power_of_2(k)))
         bn = max(16, min(next_power_of_2(n), 262144 // bk))
         bm = max(16, min(64, next_power_of_2(m)))
+        if m <= MAX_ROW_ROWS and next_power_of_2(k) <= MAX_ROW_TILE // 16:
+            bn = max(16, min(next_power_of_2(n), MAX_ROW_TILE // next_power_of_2(k)))
+            return SkinnyConfig(False, MAX_ROW_ROWS, bn, 0, 4, 1)
         return SkinnyConfig(m > 1, bm, bn, bk, 4, 1)
     sms = sm_count(device) if device.type == "cuda" else 132
-    if m <= 4:
-        bm = next_power_of_2(m)
-        bn = _fill_columns(n, (64, 32, 16, 8), sms)
-        bk = max(64, min(512, 8192 // (bm * bn), next_power_of_2(k)))
-        return SkinnyConfig(False, bm, bn, bk, 4, 3)
+    k_pad = next_power_of_2(k)
+    if m <= MAX_ROW_ROWS and k_pad <= MAX_ROW_TILE:
+        bn = max(1, min(64, 16384 // k_pad))
+        while bn > 1 and cdiv(n, bn) < 2 * sms:
+            bn //= 2
+        return SkinnyConfig(False, MAX_ROW_ROWS, bn, 0, 4, 1)
     bn = _fill_columns(n, (64, 32, 16), sms)
     return SkinnyConfig(True, 16, bn, 256 if bn <= 32 else 128, 4, 3)
 
@@ -313,26 +389,47 @@ def skinny_linear(
         weight = weight.contiguous()
     y2d = y.view(-1, n)  # (M, N)
     cfg = config or default_config(m, n, k, x.device)
-    block_m = min(cfg.block_m, next_power_of_2(m))
-    block_m = max(16, block_m) if cfg.use_dot else block_m
-    grid = (cdiv(n, cfg.block_n), cdiv(m, block_m))
-    dummy = weight  # never read: its HAS_* flag is off
-    # fmt: off
-    _skinny_linear_kernel[grid](
-        x2d, weight, bias if bias is not None else dummy,
-        ln_w if ln_w is not None else dummy, ln_b if ln_b is not None else dummy,
-        y2d if residual is not None else dummy, y2d,
+    args = (
+        x2d, weight, bias if bias is not None else weight,  # unused pointers: any tensor
+        ln_w if ln_w is not None else weight, ln_b if ln_b is not None else weight,
+        y2d if residual is not None else weight, y2d,
         m, n, k,
         x2d.stride(0), weight.stride(0), y2d.stride(0), y2d.stride(0),
         eps,
-        HAS_BIAS=bias is not None, HAS_LN=ln is not None, HAS_LN_W=ln_w is not None,
-        HAS_LN_B=ln_b is not None, HAS_RESIDUAL=residual is not None,
-        ACT=ACTIVATIONS[activation], USE_DOT=cfg.use_dot, **dot_precision(weight.dtype),
+    )
+    flags = {
+        "HAS_BIAS": bias is not None, "HAS_LN": ln is not None, "HAS_LN_W": ln_w is not None,
+        "HAS_LN_B": ln_b is not None, "HAS_RESIDUAL": residual is not None,
+        "ACT": ACTIVATIONS[activation],
+    }  # fmt: skip
+    if cfg.block_k == 0:
+        _launch_rows(args, flags, cfg, m, n, k)
+        return y
+    block_m = min(cfg.block_m, next_power_of_2(m))
+    block_m = max(16, block_m) if cfg.use_dot else block_m
+    grid = (cdiv(n, cfg.block_n), cdiv(m, block_m))
+    _skinny_linear_kernel[grid](
+        *args, **flags, USE_DOT=cfg.use_dot, **dot_precision(weight.dtype),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    # fmt: on
+    )  # fmt: skip
     return y
+
+
+def _launch_rows(args: tuple, flags: dict, cfg: SkinnyConfig, m: int, n: int, k: int) -> None:
+    """The whole-row kernel: ``cfg.block_m`` (<= 4) rows per program, all of K in one tile."""
+    k_pad = next_power_of_2(k)
+    if cfg.use_dot or cfg.block_m > MAX_ROW_ROWS or cfg.block_n * k_pad > MAX_ROW_TILE:
+        raise UnsupportedOptionError(
+            f"whole-row skinny config {cfg} needs no tl.dot, block_m <= {MAX_ROW_ROWS} and "
+            f"block_n x next_pow2(K={k}) <= {MAX_ROW_TILE}"
+        )
+    rows = min(cfg.block_m, m)
+    grid = (cdiv(n, cfg.block_n), cdiv(m, rows))
+    _skinny_rows_kernel[grid](
+        *args, **flags, ROWS=rows, BLOCK_N=cfg.block_n, K_PAD=k_pad,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
 
 def skinny_linear_ref(

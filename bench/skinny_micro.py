@@ -15,7 +15,8 @@ Part "gemm": the decode GEMMs of one layer at M rows (one token per row), as the
 * ``fc2``: x += hid @ W2^T + b2 (N = D, K = 4D);
 * ``logits``: LN(x) @ E^T, float32 out (N = vocab, K = D, no bias).
 
-Providers: ``torch`` (unfused: ``F.layer_norm`` to the weight dtype, ``F.linear``, ``F.gelu``,
+Providers: ``skinny_nopdl`` (default config launched without programmatic dependent launch,
+``SPEECHRT_PDL=0``), ``torch`` (unfused: ``F.layer_norm`` to the weight dtype, ``F.linear``, ``F.gelu``,
 ``add_`` into the stream; what an unfused step launches), ``skinny`` at its default config and
 (large-v3 shapes, until the time limit) at every entry of ``CONFIGS``. Times: 20 calls captured
 in one CUDA graph, median replay time / 20 from CUDA events. The 20 calls rotate over copies of
@@ -26,7 +27,8 @@ reference| (``skinny_linear_ref`` with ``upcast``; for ``wo``/``fc2`` the update
 Part "step": one ``WhisperNet.step`` of a random-weight decoder of the model's dims (B rows of B
 audios at position 64, caches of 448 positions) replayed from a CUDA graph: ``torch`` (torch
 path, ``kv_len`` = 65), ``fused_old`` (kernel path, GEMM + fused add/LayerNorm per sublayer),
-``fused_skinny`` (kernel path, 8 launches per layer). ``gpu_ops`` = CUDA kernels (and
+``fused_skinny`` (kernel path, 8-9 launches per layer, with programmatic dependent launch on
+Hopper; ``fused_skinny_nopdl`` without it). ``gpu_ops`` = CUDA kernels (and
 memsets/copies) of one eager step (torch profiler); ``max_err`` = max |logits - torch path logits|.
 """
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import json
 import math
 import statistics
@@ -194,6 +197,10 @@ def gemm_rows(
             case = GemmCase(name, dims.n_text_state, dims.n_vocab, m, dtype)
             if not configs:
                 out.append(_gemm_row(case, model, "torch", "", case.torch_op))
+                os.environ["SPEECHRT_PDL"] = "0"
+                run = lambda w, r, case=case: case.skinny(w, None, r)  # noqa: E731
+                out.append(_gemm_row(case, model, "skinny_nopdl", "default", run))
+                os.environ["SPEECHRT_PDL"] = "1"
             for cfg in configs or [None]:
                 if deadline is not None and time.perf_counter() > deadline:
                     skipped += 1
@@ -226,13 +233,16 @@ def step_rows(model: str, rows: list[int], dtype: torch.dtype) -> list[dict[str,
         feats = torch.randn(b, dims.n_audio_ctx, dims.n_text_state, device="cuda", generator=gen)
         tokens = torch.randint(0, dims.n_vocab, (b, STEP_POSITION + 1), device="cuda")
         results = {}
-        for provider, kernels, skinny in (
-            ("torch", False, False),
-            ("fused_old", True, False),
-            ("fused_skinny", True, True),
+        for provider, kernels, skinny, pdl in (
+            ("torch", False, False, "0"),
+            ("fused_old", True, False, "0"),
+            ("fused_skinny_nopdl", True, True, "0"),
+            ("fused_skinny", True, True, "1"),
         ):
             net.kernels, net.decoder.skinny_step = kernels, skinny
+            os.environ["SPEECHRT_PDL"] = pdl
             results[provider] = _step(net, feats.to(dtype), tokens)
+        os.environ["SPEECHRT_PDL"] = "1"
         ref = results["torch"][0]
         for provider, (logits, ms, n_kernels) in results.items():
             out.append({

@@ -127,7 +127,7 @@ def test_half_rows_need_no_ln(device):
 
 def test_default_configs_are_valid(monkeypatch):
     """The GPU defaults (the interpreter never runs them here) fit the kernels' rules: up to 4
-    rows the whole-row kernel within its tile and with >= 2 programs per SM where N allows."""
+    rows the whole-row kernel within its tile and with >= 4 programs per SM where N allows."""
     import speechrt.kernels.skinny_linear as sl
 
     monkeypatch.setattr(sl, "interpreting", lambda: False)
@@ -140,7 +140,7 @@ def test_default_configs_are_valid(monkeypatch):
             else:
                 assert cfg.block_k == 0 and cfg.block_m == sl.MAX_ROW_ROWS
                 assert cfg.block_n * sl.next_power_of_2(k) <= sl.MAX_ROW_TILE
-                assert cfg.block_n == 1 or sl.cdiv(n, cfg.block_n) >= 2 * 132
+                assert cfg.block_n == 1 or sl.cdiv(n, cfg.block_n) >= 4 * 132
     k_long = 2 * sl.MAX_ROW_TILE  # too long for one tile: the tl.dot kernel
     assert sl.default_config(1, 64, k_long, torch.device("cpu")).use_dot
     assert all(not c.use_dot or c.block_n >= 16 for c in CONFIGS)

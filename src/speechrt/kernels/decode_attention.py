@@ -26,6 +26,7 @@ import math
 import torch
 
 from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels._pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
 from speechrt.kernels._utils import (
     FLOAT_DTYPES,
     MISSING_TL,
@@ -75,10 +76,14 @@ def _decode_attention_kernel(
     SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # fmt: on
     """Program (cache row * H + head, split): the GROUP query rows of one cache row over the
     keys [split * chunk, min((split + 1) * chunk, max length of the group))."""
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     kv_row = (pid // H).to(tl.int64)
@@ -151,8 +156,12 @@ def _combine_kernel(
     H, D, n_splits,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (row * H + head): out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max)."""
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0).to(tl.int64)
     b = pid // H
     h = pid % H
@@ -293,6 +302,7 @@ def decode_attention(
         SPLIT=splits > 1,
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **pdl_kwargs(q.device),
         num_warps=4,
         num_stages=2,
     )
@@ -303,6 +313,7 @@ def decode_attention(
             h, d, splits,
             BLOCK_S=next_power_of_2(splits),
             BLOCK_D=block_d,
+            **pdl_kwargs(q.device),
             num_warps=2,
         )
     # fmt: on

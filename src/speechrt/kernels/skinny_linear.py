@@ -25,7 +25,9 @@ Two kernels, chosen by the launch configuration:
   (``use_dot``) a pipelined ``tl.dot`` with the rows padded to 16.
 
 Small ``BLOCK_N`` gives enough programs to fill the SMs without split-K (results are
-deterministic: no atomics). Accumulation is float32 throughout.
+deterministic: no atomics). Accumulation is float32 throughout. On Hopper both kernels launch
+with programmatic dependent launch (``kernels._pdl``): the whole-row kernel issues its weight
+loads before it waits for the previous kernel, so in a decode step they overlap that kernel.
 
 ``W`` is read in ``nn.Linear`` layout (N, K). :func:`skinny_linear_ref` is the plain-torch
 reference that tests and benchmarks import.
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 
 from speechrt.errors import UnsupportedOptionError
 from speechrt.kernels._activations import activate
+from speechrt.kernels._pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
 from speechrt.kernels._utils import (
     MISSING_TL,
     MISSING_TRITON,
@@ -155,7 +158,11 @@ def _skinny_linear_kernel(
     HAS_LN_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -210,7 +217,7 @@ def _skinny_rows_kernel(
     HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_W: tl.constexpr,
     HAS_LN_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
     ROWS: tl.constexpr,  # rows per program (program_id(1) picks the row block)
-    BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, K_PAD)
@@ -225,6 +232,9 @@ def _skinny_rows_kernel(
         ln_w = tl.load(LN_W + ks, mask=k_ok, other=0.0)
     if HAS_LN_B:
         ln_b = tl.load(LN_B + ks, mask=k_ok, other=0.0)
+    if USE_PDL:  # the weights are in flight: let the next kernel start, wait for x
+        gdc_launch_dependents()
+        gdc_wait()
     row0 = tl.program_id(1).to(tl.int64) * ROWS
     for i in tl.static_range(ROWS):
         m = row0 + i
@@ -264,7 +274,8 @@ def default_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig
     """Launch configuration for (m rows) x (n, k) weights.
 
     Up to 4 rows: the whole-row kernel with about 16K weight elements per program (BLOCK_N =
-    16384 / next_pow2(K), 1..64), narrowed until there are two programs per SM; more rows (or
+    16384 / next_pow2(K), 1..64), narrowed until there are four programs per SM, and 8 warps
+    for tiles of at most 4K elements (the H200 sweep's best at Whisper shapes); more rows (or
     K too long for one tile): ``tl.dot`` with the rows padded to 16 and the widest BLOCK_N that
     still gives one program per SM. bench/skinny_micro.py measures it against every entry of
     :data:`CONFIGS` on the GPU.
@@ -281,9 +292,9 @@ def default_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig
     k_pad = next_power_of_2(k)
     if m <= MAX_ROW_ROWS and k_pad <= MAX_ROW_TILE:
         bn = max(1, min(64, 16384 // k_pad))
-        while bn > 1 and cdiv(n, bn) < 2 * sms:
+        while bn > 1 and cdiv(n, bn) < 4 * sms:
             bn //= 2
-        return SkinnyConfig(False, MAX_ROW_ROWS, bn, 0, 4, 1)
+        return SkinnyConfig(False, MAX_ROW_ROWS, bn, 0, 8 if bn * k_pad <= 4096 else 4, 1)
     bn = _fill_columns(n, (64, 32, 16), sms)
     return SkinnyConfig(True, 16, bn, 256 if bn <= 32 else 128, 4, 3)
 
@@ -403,20 +414,22 @@ def skinny_linear(
         "ACT": ACTIVATIONS[activation],
     }  # fmt: skip
     if cfg.block_k == 0:
-        _launch_rows(args, flags, cfg, m, n, k)
+        _launch_rows(args, flags, cfg, m, n, k, x.device)
         return y
     block_m = min(cfg.block_m, next_power_of_2(m))
     block_m = max(16, block_m) if cfg.use_dot else block_m
     grid = (cdiv(n, cfg.block_n), cdiv(m, block_m))
     _skinny_linear_kernel[grid](
         *args, **flags, USE_DOT=cfg.use_dot, **dot_precision(weight.dtype),
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pdl_kwargs(x.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
 
 
-def _launch_rows(args: tuple, flags: dict, cfg: SkinnyConfig, m: int, n: int, k: int) -> None:
+def _launch_rows(
+    args: tuple, flags: dict, cfg: SkinnyConfig, m: int, n: int, k: int, device: torch.device
+) -> None:
     """The whole-row kernel: ``cfg.block_m`` (<= 4) rows per program, all of K in one tile."""
     k_pad = next_power_of_2(k)
     if cfg.use_dot or cfg.block_m > MAX_ROW_ROWS or cfg.block_n * k_pad > MAX_ROW_TILE:
@@ -427,7 +440,7 @@ def _launch_rows(args: tuple, flags: dict, cfg: SkinnyConfig, m: int, n: int, k:
     rows = min(cfg.block_m, m)
     grid = (cdiv(n, cfg.block_n), cdiv(m, rows))
     _skinny_rows_kernel[grid](
-        *args, **flags, ROWS=rows, BLOCK_N=cfg.block_n, K_PAD=k_pad,
+        *args, **flags, ROWS=rows, BLOCK_N=cfg.block_n, K_PAD=k_pad, **pdl_kwargs(device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

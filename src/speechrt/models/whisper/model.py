@@ -17,9 +17,9 @@ keeps the residual stream in FP32 and fuses each residual add with the next Laye
 (``kernels.layer_norm``), projects q/k/v with one GEMM, and in steps attends with
 ``kernels.decode_attention``: self-attention writes the new key/value and reads exactly
 ``positions + 1`` cache entries (``kv_len`` is then irrelevant), cross-attention reads the audio's
-K/V once per group of rows. With ``TextDecoder.skinny_step`` (off by default, measured slower) a
-kernel-path step launches 8 kernels per layer instead: its GEMMs are ``kernels.skinny_linear``
-calls that take the LayerNorm in their prologue and the residual add in their epilogue.
+K/V once per group of rows. A kernel-path step of one row (``TextDecoder.skinny_step``) launches
+8-9 kernels per layer instead: its GEMMs are ``kernels.skinny_linear`` calls that take the
+LayerNorm in their prologue and the residual add in their epilogue.
 """
 
 from __future__ import annotations
@@ -371,16 +371,18 @@ class DecoderLayer(nn.Module):
             rows.copy_(rows.index_select(0, source))
 
 
+SKINNY_AUTO_MAX_ROWS = 1  # steps of at most this many rows use the skinny step by default
+
+
 class TextDecoder(nn.Module):
     """Token + learned position embedding, cross-attending blocks, LN, tied output projection.
 
-    ``skinny_step`` (default False): kernel-path steps run :meth:`DecoderLayer.step_fused`
-    (8 launches per layer: ``kernels.skinny_linear`` with the LayerNorm prologue / residual
-    epilogue around decode attention) instead of the GEMM + fused add/LayerNorm flow of prefill.
-    Off by default: on the H200 it measured slower for a large-v3 step (2.49 vs 2.31 ms at B=1,
-    3.82 vs 3.44 at B=16, 7.7 vs 2.5 at B=4; BENCHMARKS.md): the decode GEMVs are latency-bound
-    at ~1 TB/s whoever launches them, so fewer launches alone did not pay. Set it before CUDA
-    graphs are captured."""
+    ``skinny_step``: kernel-path steps run :meth:`DecoderLayer.step_fused` (8-9 launches per
+    layer: ``kernels.skinny_linear`` with the LayerNorm prologue / residual epilogue around
+    decode attention, programmatic dependent launch on Hopper) instead of the GEMM + fused
+    add/LayerNorm flow of prefill. None (default): for steps of at most
+    :data:`SKINNY_AUTO_MAX_ROWS` rows, where the whole-row GEMV kernel beats cuBLAS (H200,
+    BENCHMARKS.md session 5); True/False force it. Set it before CUDA graphs are captured."""
 
     def __init__(self, dims: WhisperDims) -> None:
         super().__init__()
@@ -392,13 +394,13 @@ class TextDecoder(nn.Module):
             DecoderLayer(d, dims.n_text_head) for _ in range(dims.n_text_layer)
         )
         self.norm = LayerNorm(d)
-        self.skinny_step = False
+        self.skinny_step: bool | None = None
 
     def run(self, x: Tensor, p: _Pass, at: Tensor | None = None) -> Tensor:
         """Embedded tokens (B, T, D) -> logits (B, T, V) in FP32, or (B, K, V) of the
         positions ``at`` (K,) long only (gathered before the output projection)."""
         x = x.to(self.tok_emb.weight.dtype)
-        if p.fused and p.kind == "step" and self.skinny_step:
+        if p.fused and p.kind == "step" and self._skinny(x.shape[0]):
             return self._step_fused(x, p)
         if p.fused:
             x = self._layers_fused(x, p)
@@ -409,6 +411,11 @@ class TextDecoder(nn.Module):
         if at is not None:
             x = x.index_select(1, at)  # (B, K, D)
         return (x @ torch.transpose(self.tok_emb.weight.to(x.dtype), 0, 1)).float()
+
+    def _skinny(self, rows: int) -> bool:
+        if self.skinny_step is None:
+            return rows <= SKINNY_AUTO_MAX_ROWS
+        return self.skinny_step
 
     def _layers_fused(self, x: Tensor, p: _Pass) -> Tensor:
         """Blocks and final LN with an FP32 residual stream; (B, T, D) -> (B, T, D) x.dtype."""

@@ -15,9 +15,9 @@ Part "gemm": the decode GEMMs of one layer at M rows (one token per row), as the
 * ``fc2``: x += hid @ W2^T + b2 (N = D, K = 4D);
 * ``logits``: LN(x) @ E^T, float32 out (N = vocab, K = D, no bias).
 
-Providers: ``skinny_nopdl`` (default config launched without programmatic dependent launch,
-``SPEECHRT_PDL=0``), ``torch`` (unfused: ``F.layer_norm`` to the weight dtype, ``F.linear``, ``F.gelu``,
-``add_`` into the stream; what an unfused step launches), ``skinny`` at its default config and
+Providers: ``torch`` (unfused: ``F.layer_norm`` to the weight dtype, ``F.linear``, ``F.gelu``,
+``add_`` into the stream; what an unfused step launches), ``skinny_nopdl`` (default config
+without programmatic dependent launch, ``SPEECHRT_PDL=0``), ``skinny`` at its default config and
 (large-v3 shapes, until the time limit) at every entry of ``CONFIGS``. Times: 20 calls captured
 in one CUDA graph, median replay time / 20 from CUDA events. The 20 calls rotate over copies of
 the weights totalling >= 256 MiB, so weights come from HBM as in a real step (not from the
@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import json
 import math
+import os
 import statistics
 import sys
 import time

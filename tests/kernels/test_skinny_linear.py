@@ -26,7 +26,8 @@ K, N = 77, 45  # K: not a multiple of any K tile; N: odd
 SUM_CFG = SkinnyConfig(False, 4, 8, 32, 4, 1)  # 3 K steps, 6 column blocks, rows in blocks of 4
 DOT_CFG = SkinnyConfig(True, 16, 16, 32, 4, 1)
 ROW_CFG = SkinnyConfig(False, 2, 8, 0, 4, 1)  # whole-row kernel, rows in blocks of 2
-CONFIG_IDS = {None: "default", SUM_CFG: "sum", DOT_CFG: "dot", ROW_CFG: "row"}
+WALK_CFG = SkinnyConfig(False, 1, 4, 0, 4, 1, 2)  # whole-row, 2 programs walk 12 blocks, 1 row
+CONFIG_IDS = {None: "default", SUM_CFG: "sum", DOT_CFG: "dot", ROW_CFG: "row", WALK_CFG: "walk"}
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 
 
@@ -46,7 +47,7 @@ def _stream(m, k, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG], ids=CONFIG_IDS.get)
+@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG, WALK_CFG], ids=CONFIG_IDS.get)
 @pytest.mark.parametrize("m", [1, 3, 16, 20])
 def test_ln_prologue_bias_gelu(m, config, dtype, device, check_output):
     """hid = GELU(LN(x) @ W^T + b) from the float32 stream, out in the weight dtype."""
@@ -61,7 +62,7 @@ def test_ln_prologue_bias_gelu(m, config, dtype, device, check_output):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG], ids=CONFIG_IDS.get)
+@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG, WALK_CFG], ids=CONFIG_IDS.get)
 @pytest.mark.parametrize("m", [1, 3, 16, 20])
 def test_residual_epilogue(m, config, dtype, device, check_output):
     """x += z @ W^T + b in place on the float32 stream (z in the weight dtype)."""
@@ -77,7 +78,7 @@ def test_residual_epilogue(m, config, dtype, device, check_output):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG], ids=CONFIG_IDS.get)
+@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG, WALK_CFG], ids=CONFIG_IDS.get)
 def test_logits_float32_out_no_bias(config, dtype, device, check_output):
     """logits = LN_final(x) @ E^T, float32 out, no bias, (B, 1, D) input."""
     x = _stream(3, K, device).view(3, 1, K)

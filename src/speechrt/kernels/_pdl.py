@@ -5,8 +5,10 @@ the previous one to finish, then pays its own launch and memory ramp, a few micr
 dominate kernels moving 3-13 MB. With PDL (Hopper and newer) a kernel is launched while its
 predecessor still runs: it issues the loads that do not depend on the predecessor (weights)
 and then blocks in :func:`gdc_wait` until the predecessor has completed and its writes are
-visible. Kernels call :func:`gdc_launch_dependents` early so that their own successor can start
-the same way. CUDA graphs capture these launches as programmatic edges.
+visible. Kernels call :func:`gdc_launch_dependents` right AFTER their wait, so that at most two
+kernels of the chain are resident: called before it, every queued kernel launched at once and
+their waiting programs took the SMs from the one running (a B=16 step ran 1.3x slower on the
+H200). CUDA graphs capture these launches as programmatic edges.
 
 Rules for a kernel that takes ``USE_PDL``: before ``gdc_wait`` it reads only memory no kernel of
 the step writes (weights, biases, LayerNorm parameters) and writes nothing. Launched without the

@@ -82,8 +82,8 @@ def _decode_attention_kernel(
     """Program (cache row * H + head, split): the GROUP query rows of one cache row over the
     keys [split * chunk, min((split + 1) * chunk, max length of the group))."""
     if USE_PDL:
-        gdc_launch_dependents()
         gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     kv_row = (pid // H).to(tl.int64)
@@ -160,8 +160,8 @@ def _combine_kernel(
 ):
     """Program (row * H + head): out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max)."""
     if USE_PDL:
-        gdc_launch_dependents()
         gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0).to(tl.int64)
     b = pid // H
     h = pid % H

@@ -89,7 +89,9 @@ class SkinnyConfig:
     block_m: at most this many rows per program (the launcher uses the next power of two of
     the row count below it, and at least 16 with ``use_dot``); block_n: output columns per
     program; block_k: K elements per loop step, or 0 (not with ``use_dot``): the whole-row
-    kernel, one tile over all of K (at most :data:`MAX_ROW_TILE` weight elements per program).
+    kernel, one tile over all of K (at most :data:`MAX_ROW_TILE` weight elements per program);
+    persist (whole-row kernel): 0, one program per column block, or P > 0, at most P programs
+    per SM, each walking several column blocks with the next block's weights in flight.
     """
 
     use_dot: bool
@@ -98,16 +100,24 @@ class SkinnyConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    persist: int = 0
 
     def __str__(self) -> str:
         kind = "dot" if self.use_dot else "sum"
         k = self.block_k or "all"
         tiles = f"m{self.block_m}n{self.block_n}k{k}"
-        return f"{kind}_{tiles}w{self.num_warps}s{self.num_stages}"
+        persist = f"p{self.persist}" if self.persist else ""
+        return f"{kind}_{tiles}w{self.num_warps}s{self.num_stages}{persist}"
 
 
 # Candidates for bench/skinny_micro.py (float16/bfloat16 on an H200, Whisper decode shapes).
 CONFIGS: tuple[SkinnyConfig, ...] = (
+    *(
+        SkinnyConfig(False, 4, bn, 0, w, 1, p)
+        for p in (1, 2, 3)
+        for bn in (2, 4, 8)
+        for w in (4, 8)
+    ),
     *(SkinnyConfig(False, 4, bn, 0, w, 1) for bn in (1, 2, 4, 8, 16) for w in (4, 8)),
     SkinnyConfig(False, 1, 8, 512, 4, 3),
     SkinnyConfig(False, 1, 16, 256, 4, 3),
@@ -161,8 +171,8 @@ def _skinny_linear_kernel(
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
-        gdc_launch_dependents()
         gdc_wait()
+        gdc_launch_dependents()
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -204,6 +214,24 @@ def _skinny_linear_kernel(
 
 
 @triton.jit
+def _row_input(x_row, row_ok, ks, k_ok, K, eps, ln_w, ln_b, W,
+               HAS_LN: tl.constexpr, HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr):
+    """One input row (K_PAD,) as the multiply reads it: LN(x) rounded to W's dtype, or x."""
+    a = tl.load(x_row + ks, mask=k_ok & row_ok, other=0.0)
+    if HAS_LN:  # float32 statistics of the whole row, rounded to the weight dtype
+        a = a.to(tl.float32)
+        mean = tl.sum(a, axis=0) / K
+        a = tl.where(k_ok, a - mean, 0.0)
+        a *= 1.0 / tl.sqrt(tl.sum(a * a, axis=0) / K + eps)
+        if HAS_LN_W:
+            a *= ln_w
+        if HAS_LN_B:
+            a += ln_b
+        a = a.to(W.dtype.element_ty)
+    return a.to(tl.float32)
+
+
+@triton.jit
 def _skinny_rows_kernel(
     X,  # (M, K), row stride stride_xm, unit column stride
     W,  # (N, K), row stride stride_wn, unit column stride
@@ -219,46 +247,58 @@ def _skinny_rows_kernel(
     ROWS: tl.constexpr,  # rows per program (program_id(1) picks the row block)
     BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Program p walks the column blocks p, p + P, ... (P programs on axis 0); the weight tile
+    of its next block is loaded before the current one is multiplied (double buffering)."""
+    pid = tl.program_id(0)
+    n_progs = tl.num_programs(0)
     ks = tl.arange(0, K_PAD)
-    col_ok = cols < N
     k_ok = ks < K
-    # every weight byte of this program in flight first: (BLOCK_N, K_PAD)
-    w_ptrs = W + cols.to(tl.int64)[:, None] * stride_wn + ks[None, :]
-    w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    lane = tl.arange(0, BLOCK_N)
+    w_cols = W + ks[None, :]
+    cols = pid * BLOCK_N + lane
+    # every weight byte of the first block in flight first: (BLOCK_N, K_PAD)
+    w = tl.load(w_cols + cols.to(tl.int64)[:, None] * stride_wn,
+                mask=(cols < N)[:, None] & k_ok[None, :], other=0.0)
+    ln_w = tl.zeros([K_PAD], dtype=tl.float32)
+    ln_b = tl.zeros([K_PAD], dtype=tl.float32)
     if HAS_LN_W:
         ln_w = tl.load(LN_W + ks, mask=k_ok, other=0.0)
     if HAS_LN_B:
         ln_b = tl.load(LN_B + ks, mask=k_ok, other=0.0)
-    if USE_PDL:  # the weights are in flight: let the next kernel start, wait for x
-        gdc_launch_dependents()
+    if USE_PDL:  # the weights are in flight: wait for x, then let the next kernel start
         gdc_wait()
+        gdc_launch_dependents()
     row0 = tl.program_id(1).to(tl.int64) * ROWS
-    for i in tl.static_range(ROWS):
-        m = row0 + i
-        a = tl.load(X + m * stride_xm + ks, mask=k_ok & (tl.zeros_like(ks) + m < M), other=0.0)
-        if HAS_LN:  # float32 statistics of the whole row, rounded to the weight dtype
-            a = a.to(tl.float32)
-            mean = tl.sum(a, axis=0) / K
-            a = tl.where(k_ok, a - mean, 0.0)
-            a *= 1.0 / tl.sqrt(tl.sum(a * a, axis=0) / K + eps)
-            if HAS_LN_W:
-                a *= ln_w
-            if HAS_LN_B:
-                a += ln_b
-            a = a.to(W.dtype.element_ty)
-        y = tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)  # (BLOCK_N,)
+    if ROWS == 1:  # the one row is normalised once for all blocks
+        a0 = _row_input(X + row0 * stride_xm, (tl.zeros_like(ks) + row0) < M, ks, k_ok, K,
+                        eps, ln_w, ln_b, W, HAS_LN, HAS_LN_W, HAS_LN_B)
+    for blk in range(pid, tl.cdiv(N, BLOCK_N), n_progs):
+        cols = blk * BLOCK_N + lane
+        col_ok = cols < N
+        nxt = cols + n_progs * BLOCK_N
+        w_next = tl.load(w_cols + nxt.to(tl.int64)[:, None] * stride_wn,
+                         mask=(nxt < N)[:, None] & k_ok[None, :], other=0.0)
+        wf = w.to(tl.float32)
         if HAS_BIAS:
-            y += bias
-        y = activate(y, ACT)
-        mask = col_ok & (tl.zeros_like(cols) + m < M)
-        if HAS_RESIDUAL:
-            r = R + m * stride_rm + cols
-            tl.store(r, tl.load(r, mask=mask, other=0.0) + y, mask=mask)
-        else:
-            tl.store(Y + m * stride_ym + cols, y.to(Y.dtype.element_ty), mask=mask)
+            bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+        for i in tl.static_range(ROWS):
+            m = row0 + i
+            if ROWS == 1:
+                a = a0
+            else:
+                a = _row_input(X + m * stride_xm, (tl.zeros_like(ks) + m) < M, ks, k_ok, K,
+                               eps, ln_w, ln_b, W, HAS_LN, HAS_LN_W, HAS_LN_B)
+            y = tl.sum(wf * a[None, :], axis=1)  # (BLOCK_N,)
+            if HAS_BIAS:
+                y += bias
+            y = activate(y, ACT)
+            mask = col_ok & ((tl.zeros_like(cols) + m) < M)
+            if HAS_RESIDUAL:
+                r = R + m * stride_rm + cols
+                tl.store(r, tl.load(r, mask=mask, other=0.0) + y, mask=mask)
+            else:
+                tl.store(Y + m * stride_ym + cols, y.to(Y.dtype.element_ty), mask=mask)
+        w = w_next
 # fmt: on
 
 
@@ -401,11 +441,20 @@ def skinny_linear(
     y2d = y.view(-1, n)  # (M, N)
     cfg = config or default_config(m, n, k, x.device)
     args = (
-        x2d, weight, bias if bias is not None else weight,  # unused pointers: any tensor
-        ln_w if ln_w is not None else weight, ln_b if ln_b is not None else weight,
-        y2d if residual is not None else weight, y2d,
-        m, n, k,
-        x2d.stride(0), weight.stride(0), y2d.stride(0), y2d.stride(0),
+        x2d,
+        weight,
+        bias if bias is not None else weight,  # unused pointers: any tensor
+        ln_w if ln_w is not None else weight,
+        ln_b if ln_b is not None else weight,
+        y2d if residual is not None else weight,
+        y2d,
+        m,
+        n,
+        k,
+        x2d.stride(0),
+        weight.stride(0),
+        y2d.stride(0),
+        y2d.stride(0),
         eps,
     )
     flags = {
@@ -438,10 +487,21 @@ def _launch_rows(
             f"block_n x next_pow2(K={k}) <= {MAX_ROW_TILE}"
         )
     rows = min(cfg.block_m, m)
-    grid = (cdiv(n, cfg.block_n), cdiv(m, rows))
+    blocks = cdiv(n, cfg.block_n)
+    if cfg.persist and device.type == "cuda":
+        blocks = min(blocks, cfg.persist * sm_count(device))
+    elif cfg.persist:  # the interpreter: a few programs, each walking several blocks
+        blocks = min(blocks, cfg.persist)
+    grid = (blocks, cdiv(m, rows))
     _skinny_rows_kernel[grid](
-        *args, **flags, ROWS=rows, BLOCK_N=cfg.block_n, K_PAD=k_pad, **pdl_kwargs(device),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        *args,
+        **flags,
+        ROWS=rows,
+        BLOCK_N=cfg.block_n,
+        K_PAD=k_pad,
+        **pdl_kwargs(device),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 

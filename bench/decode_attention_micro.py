@@ -1,0 +1,131 @@
+"""Micro-benchmark: ``kernels.decode_attention`` at Whisper decode shapes, per split and key tile.
+
+Run on a CUDA machine from the repository root::
+
+    PYTHONPATH=src python bench/decode_attention_micro.py [--heads 20] [--dim 64]
+        [--splits 0 2 4 6 8 12 16 24] [--blocks 32 64 128] [--out attn.csv]
+
+Cases (large-v3 by default: 20 heads of 64): ``cross`` (1500 audio keys, rows of distinct
+audios; ``beam5``: 5 rows on one audio, ``group`` 5) and ``self`` (a 448-entry cache read up to
+a position, writing the new key/value as a step does). Split 0 is the launcher's default
+(:func:`default_num_splits`). Times: 20 calls captured in one CUDA graph, median replay / 20;
+the calls rotate over cache copies of >= 256 MiB, so the keys come from HBM (not the 50 MiB
+L2). ``GB/s`` = key + value bytes read per call / time. ``max_err`` = max |out - the float32
+reference|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import speechrt  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO / "src"))
+
+from speechrt.benchmark.common import environment, markdown_table, write_csv  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from skinny_micro import _graph_ms  # noqa: E402
+
+ROTATE_BYTES = 256 * 2**20
+CALLS = 20
+# name: (rows, audios (cache rows), cache length, keys read or None for all, append)
+CASES = {
+    "cross_b1": (1, 1, 1500, None, False),
+    "cross_b16": (16, 16, 1500, None, False),
+    "cross_beam5": (5, 1, 1500, None, False),
+    "self_b1_pos40": (1, 1, 448, 41, True),
+    "self_b1_pos200": (1, 1, 448, 201, True),
+    "self_b16_pos40": (16, 16, 448, 41, True),
+}
+
+
+def case_rows(name: str, heads: int, dim: int, splits: list[int], blocks: list[int]) -> list:
+    from speechrt.kernels.decode_attention import decode_attention, decode_attention_ref
+
+    rows_n, audios, length, keys, append = CASES[name]
+    dev, dtype = "cuda", torch.float16
+    shape = (audios, heads, length, dim)
+    per_copy = 2 * math.prod(shape) * 2
+    copies = max(1, min(CALLS, math.ceil(ROTATE_BYTES / per_copy)))
+    caches = [(torch.randn(shape, device=dev, dtype=dtype),
+               torch.randn(shape, device=dev, dtype=dtype)) for _ in range(copies)]  # fmt: skip
+    q = torch.randn(rows_n, heads, dim, device=dev, dtype=dtype)
+    lengths = torch.full((rows_n,), keys, device=dev) if keys else None
+    new = (torch.randn_like(q), torch.randn_like(q)) if append else (None, None)
+    read = (keys or length) * heads * dim * 2 * 2 * audios
+    k0, v0 = caches[0]
+    gold = decode_attention_ref(
+        q.float(), k0.float().clone(), v0.float().clone(), lengths,
+        k_new=None if new[0] is None else new[0].float(),
+        v_new=None if new[1] is None else new[1].float(), group=rows_n // audios,
+    )  # fmt: skip
+    out = []
+    for block_n in blocks:
+        for split in splits:
+            row = {"case": name, "block_n": block_n, "splits": split or "default",
+                   "us": math.nan, "GB/s": math.nan, "max_err": math.nan, "error": ""}  # fmt: skip
+            try:
+
+                def call(k, v, split=split, block_n=block_n):
+                    return decode_attention(
+                        q, k, v, lengths, k_new=new[0], v_new=new[1], group=rows_n // audios,
+                        num_splits=split or None, block_n=block_n,
+                    )  # fmt: skip
+
+                res = call(k0.clone(), v0.clone())
+                row["max_err"] = float((res.float() - gold).abs().max())
+                ms = _graph_ms([lambda i=i: call(*caches[i % copies]) for i in range(CALLS)])
+                row["us"], row["GB/s"] = 1000 * ms, read / ms / 1e6
+            except Exception as e:  # noqa: BLE001 - a variant that cannot launch is a row
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            out.append(row)
+    caches.clear()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", type=int, default=20)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--splits", nargs="+", type=int, default=[0, 2, 4, 6, 8, 12, 16, 24])
+    parser.add_argument("--blocks", nargs="+", type=int, default=[32, 64, 128])
+    parser.add_argument("--out", type=Path, help="also write the rows to this CSV file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("decode_attention_micro.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    rows = []
+    with torch.inference_mode():
+        for name in args.cases:
+            rows += case_rows(name, args.heads, args.dim, args.splits, args.blocks)
+            print(f"done {name}", file=sys.stderr, flush=True)
+    print(f"`{json.dumps(environment())}`\n")
+    print(markdown_table(rows, list(rows[0])))
+    print("\nFastest per case:\n")
+    for name in args.cases:
+        ok = [r for r in rows if r["case"] == name and not r["error"]]
+        dflt = [r for r in ok if r["splits"] == "default" and r["block_n"] == 64]
+        if ok:
+            best = min(ok, key=lambda r: r["us"])
+            base = f"{dflt[0]['us']:.3g}" if dflt else "-"
+            print(
+                f"- {name}: default (block 64) {base} us; best block {best['block_n']} "
+                f"splits {best['splits']}: {best['us']:.3g} us, {best['GB/s']:.4g} GB/s"
+            )
+    if args.out:
+        write_csv(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,8 @@ Part "step": one ``WhisperNet.step`` of a random-weight decoder of the model's d
 audios at position 64, caches of 448 positions) replayed from a CUDA graph: ``torch`` (torch
 path, ``kv_len`` = 65), ``fused_old`` (kernel path, GEMM + fused add/LayerNorm per sublayer),
 ``fused_skinny`` (kernel path, 8-9 launches per layer, with programmatic dependent launch on
-Hopper; ``fused_skinny_nopdl`` without it). ``gpu_ops`` = CUDA kernels (and
+Hopper; ``fused_skinny_nopdl`` without it; ``fused_skinny_pP`` with P persistent GEMV programs
+per SM, ``skinny_linear.DEFAULT_PERSIST``). ``gpu_ops`` = CUDA kernels (and
 memsets/copies) of one eager step (torch profiler); ``max_err`` = max |logits - torch path logits|.
 """
 
@@ -223,9 +224,11 @@ def _speedups(rows: list[dict[str, object]]) -> None:
 def step_rows(model: str, rows: list[int], dtype: torch.dtype) -> list[dict[str, object]]:
     """One decode step of a random-weight decoder: torch path, old and new kernel path."""
     from speechrt.benchmark.whisper import build_speechrt
+    from speechrt.kernels import skinny_linear
     from speechrt.models.whisper.config import preset
 
     dims = preset(model)
+    default_persist = skinny_linear.DEFAULT_PERSIST
     net = build_speechrt(dims, dtype, "cuda", seed=0)
     out = []
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -233,16 +236,18 @@ def step_rows(model: str, rows: list[int], dtype: torch.dtype) -> list[dict[str,
         feats = torch.randn(b, dims.n_audio_ctx, dims.n_text_state, device="cuda", generator=gen)
         tokens = torch.randint(0, dims.n_vocab, (b, STEP_POSITION + 1), device="cuda")
         results = {}
-        for provider, kernels, skinny, pdl in (
-            ("torch", False, False, "0"),
-            ("fused_old", True, False, "0"),
-            ("fused_skinny_nopdl", True, True, "0"),
-            ("fused_skinny", True, True, "1"),
+        for provider, kernels, skinny, pdl, persist in (
+            ("torch", False, False, "0", 0),
+            ("fused_old", True, False, "0", 0),
+            ("fused_skinny_nopdl", True, True, "0", 0),
+            ("fused_skinny", True, True, "1", 0),
+            ("fused_skinny_p2", True, True, "1", 2),
+            ("fused_skinny_p3", True, True, "1", 3),
         ):
             net.kernels, net.decoder.skinny_step = kernels, skinny
-            os.environ["SPEECHRT_PDL"] = pdl
+            os.environ["SPEECHRT_PDL"], skinny_linear.DEFAULT_PERSIST = pdl, persist
             results[provider] = _step(net, feats.to(dtype), tokens)
-        os.environ["SPEECHRT_PDL"] = "1"
+        os.environ["SPEECHRT_PDL"], skinny_linear.DEFAULT_PERSIST = "1", default_persist
         ref = results["torch"][0]
         for provider, (logits, ms, n_kernels) in results.items():
             out.append({

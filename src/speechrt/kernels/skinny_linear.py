@@ -74,6 +74,9 @@ __all__ = [
 
 MAX_ROW_TILE = 32768  # weight elements a whole-row program holds (BLOCK_N x next_pow2(K))
 MAX_ROW_ROWS = 4  # rows the whole-row kernel takes (each reuses the weight tile)
+# Default programs per SM of the whole-row kernel (0: one program per column block); a module
+# attribute so that benchmarks can compare both in one process.
+DEFAULT_PERSIST = 0
 
 # Epilogue activations (codes of speechrt.kernels._activations.activate).
 ACTIVATIONS = {"identity": 0, "gelu": 3}
@@ -245,10 +248,10 @@ def _skinny_rows_kernel(
     HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_W: tl.constexpr,
     HAS_LN_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
     ROWS: tl.constexpr,  # rows per program (program_id(1) picks the row block)
-    BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, PERSIST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """Program p walks the column blocks p, p + P, ... (P programs on axis 0); the weight tile
-    of its next block is loaded before the current one is multiplied (double buffering)."""
+    """Program p owns column block p, or with PERSIST walks the blocks p, p + P, ... (P programs
+    on axis 0), the next block's weight tile loaded before the current one is multiplied."""
     pid = tl.program_id(0)
     n_progs = tl.num_programs(0)
     ks = tl.arange(0, K_PAD)
@@ -269,36 +272,55 @@ def _skinny_rows_kernel(
         gdc_wait()
         gdc_launch_dependents()
     row0 = tl.program_id(1).to(tl.int64) * ROWS
-    if ROWS == 1:  # the one row is normalised once for all blocks
-        a0 = _row_input(X + row0 * stride_xm, (tl.zeros_like(ks) + row0) < M, ks, k_ok, K,
-                        eps, ln_w, ln_b, W, HAS_LN, HAS_LN_W, HAS_LN_B)
-    for blk in range(pid, tl.cdiv(N, BLOCK_N), n_progs):
-        cols = blk * BLOCK_N + lane
-        col_ok = cols < N
-        nxt = cols + n_progs * BLOCK_N
-        w_next = tl.load(w_cols + nxt.to(tl.int64)[:, None] * stride_wn,
-                         mask=(nxt < N)[:, None] & k_ok[None, :], other=0.0)
-        wf = w.to(tl.float32)
+    if not PERSIST:  # one column block per program
+        _rows_block(X, w, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, ln_w, ln_b,
+                    W, cols, ks, k_ok, row0, ln_w, False, HAS_BIAS, HAS_LN, HAS_LN_W, HAS_LN_B,
+                    HAS_RESIDUAL, ACT, ROWS)
+    else:
+        a0 = ln_w  # unused unless ROWS == 1
+        if ROWS == 1:  # the one row is normalised once for all blocks
+            a0 = _row_input(X + row0 * stride_xm, (tl.zeros_like(ks) + row0) < M, ks, k_ok, K,
+                            eps, ln_w, ln_b, W, HAS_LN, HAS_LN_W, HAS_LN_B)
+        for blk in range(pid, tl.cdiv(N, BLOCK_N), n_progs):
+            cols = blk * BLOCK_N + lane
+            nxt = cols + n_progs * BLOCK_N
+            w_next = tl.load(w_cols + nxt.to(tl.int64)[:, None] * stride_wn,
+                             mask=(nxt < N)[:, None] & k_ok[None, :], other=0.0)
+            _rows_block(X, w, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, ln_w,
+                        ln_b, W, cols, ks, k_ok, row0, a0, ROWS == 1, HAS_BIAS, HAS_LN, HAS_LN_W,
+                        HAS_LN_B, HAS_RESIDUAL, ACT, ROWS)
+            w = w_next
+
+
+@triton.jit
+def _rows_block(X, w, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, ln_w, ln_b, W,
+                cols, ks, k_ok, row0, a0, HAS_A0: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_W: tl.constexpr,
+                HAS_LN_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+                ROWS: tl.constexpr):
+    """Output columns ``cols`` of rows row0 .. row0 + ROWS - 1 from the weight tile w
+    (BLOCK_N, K_PAD); with HAS_A0 (one row) a0 is that row's input, computed by the caller."""
+    col_ok = cols < N
+    wf = w.to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    for i in tl.static_range(ROWS):
+        m = row0 + i
+        if HAS_A0:
+            a = a0
+        else:
+            a = _row_input(X + m * stride_xm, (tl.zeros_like(ks) + m) < M, ks, k_ok, K,
+                           eps, ln_w, ln_b, W, HAS_LN, HAS_LN_W, HAS_LN_B)
+        y = tl.sum(wf * a[None, :], axis=1)  # (BLOCK_N,)
         if HAS_BIAS:
-            bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
-        for i in tl.static_range(ROWS):
-            m = row0 + i
-            if ROWS == 1:
-                a = a0
-            else:
-                a = _row_input(X + m * stride_xm, (tl.zeros_like(ks) + m) < M, ks, k_ok, K,
-                               eps, ln_w, ln_b, W, HAS_LN, HAS_LN_W, HAS_LN_B)
-            y = tl.sum(wf * a[None, :], axis=1)  # (BLOCK_N,)
-            if HAS_BIAS:
-                y += bias
-            y = activate(y, ACT)
-            mask = col_ok & ((tl.zeros_like(cols) + m) < M)
-            if HAS_RESIDUAL:
-                r = R + m * stride_rm + cols
-                tl.store(r, tl.load(r, mask=mask, other=0.0) + y, mask=mask)
-            else:
-                tl.store(Y + m * stride_ym + cols, y.to(Y.dtype.element_ty), mask=mask)
-        w = w_next
+            y += bias
+        y = activate(y, ACT)
+        mask = col_ok & ((tl.zeros_like(cols) + m) < M)
+        if HAS_RESIDUAL:
+            r = R + m * stride_rm + cols
+            tl.store(r, tl.load(r, mask=mask, other=0.0) + y, mask=mask)
+        else:
+            tl.store(Y + m * stride_ym + cols, y.to(Y.dtype.element_ty), mask=mask)
 # fmt: on
 
 
@@ -332,6 +354,8 @@ def default_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig
     k_pad = next_power_of_2(k)
     if m <= MAX_ROW_ROWS and k_pad <= MAX_ROW_TILE:
         bn = max(1, min(64, 16384 // k_pad))
+        if DEFAULT_PERSIST:
+            return SkinnyConfig(False, MAX_ROW_ROWS, bn, 0, 4, 1, DEFAULT_PERSIST)
         while bn > 1 and cdiv(n, bn) < 4 * sms:
             bn //= 2
         return SkinnyConfig(False, MAX_ROW_ROWS, bn, 0, 8 if bn * k_pad <= 4096 else 4, 1)
@@ -499,6 +523,7 @@ def _launch_rows(
         ROWS=rows,
         BLOCK_N=cfg.block_n,
         K_PAD=k_pad,
+        PERSIST=cfg.persist > 0,
         **pdl_kwargs(device),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -17,9 +17,9 @@ keeps the residual stream in FP32 and fuses each residual add with the next Laye
 (``kernels.layer_norm``), projects q/k/v with one GEMM, and in steps attends with
 ``kernels.decode_attention``: self-attention writes the new key/value and reads exactly
 ``positions + 1`` cache entries (``kv_len`` is then irrelevant), cross-attention reads the audio's
-K/V once per group of rows. A kernel-path step of one row (``TextDecoder.skinny_step``) launches
-8-9 kernels per layer instead: its GEMMs are ``kernels.skinny_linear`` calls that take the
-LayerNorm in their prologue and the residual add in their epilogue.
+K/V once per group of rows. A kernel-path step of one or two rows (``TextDecoder.skinny_step``)
+launches 8-9 kernels per layer instead: its GEMMs are ``kernels.skinny_linear`` calls that take
+the LayerNorm in their prologue and the residual add in their epilogue.
 """
 
 from __future__ import annotations
@@ -371,7 +371,10 @@ class DecoderLayer(nn.Module):
             rows.copy_(rows.index_select(0, source))
 
 
-SKINNY_AUTO_MAX_ROWS = 1  # steps of at most this many rows use the skinny step by default
+# Steps of at most this many rows use the skinny step by default. H200, large-v3 FP16 step
+# (bench/skinny_micro.py, session 5): 1.33 vs 2.14 ms at 1 row, 1.97 vs 2.23 at 2, but 3.33 vs
+# 3.16 at 16 rows, where the whole-row GEMV gives way to the tl.dot kernel and cuBLAS wins.
+SKINNY_AUTO_MAX_ROWS = 2
 
 
 class TextDecoder(nn.Module):

@@ -250,3 +250,50 @@ def test_cuda_graph_replay(device):
     torch.cuda.synchronize()
     gold = skinny_linear_ref(x, w, b, ln=ln, upcast=True)
     torch.testing.assert_close(y.float(), gold.float(), atol=4e-3, rtol=4e-3)
+
+
+# ------------------------------------------------------------------------------ int8 weights
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: (q (N, K) int8, scale (N,) float32), a slow oracle."""
+    amax = w.float().abs().amax(dim=1).clamp_min(1e-12)
+    scale = amax / 127.0
+    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+@pytest.mark.parametrize("config", [None, ROW_CFG, WALK_CFG], ids=CONFIG_IDS.get)
+@pytest.mark.parametrize("m", [1, 3])
+def test_int8_weights_ln_gelu_and_residual(m, config, device):
+    """int8 weights + per-row scales equal the float32 math on the dequantised weights (the
+    LayerNorm output rounded to the bias dtype, float16): LN + GELU out, and residual add."""
+    w, b = _weights(N, K, device, torch.float16)
+    q, scale = quantize_rows(w)
+    ln = _ln(K, device)
+    x = _stream(m, K, device)
+    y = skinny_linear(x, q, b, ln=ln, activation="gelu", weight_scale=scale, config=config)
+    gold = skinny_linear_ref(x, q, b, ln=ln, activation="gelu", weight_scale=scale, upcast=True)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), gold.float(), atol=2e-3, rtol=2e-3)
+    deq = (q.float() * scale[:, None]).half()  # the quantisation error itself is small
+    assert (deq.float() - w.float()).abs().max() <= scale.max() / 2 + 1e-3
+    z = torch.randn(m, K, device=device).half()
+    r0 = _stream(m, N, device)
+    r = skinny_linear(z, q, b, residual=r0.clone(), weight_scale=scale, config=config)
+    gold = skinny_linear_ref(z, q, b, residual=r0.clone(), weight_scale=scale, upcast=True)
+    torch.testing.assert_close(r, gold, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_weights_reject_bad_inputs(device):
+    w, b = _weights(N, K, device, torch.float16)
+    q, scale = quantize_rows(w)
+    x = torch.randn(2, K, device=device).half()
+    with pytest.raises(ValueError, match="weight_scale"):
+        skinny_linear(x, q, b)
+    with pytest.raises(ValueError, match="weight_scale"):
+        skinny_linear(x, q, b, weight_scale=scale[:-1])
+    with pytest.raises(ValueError, match="bias"):
+        skinny_linear(x, q, None, weight_scale=scale)
+    with pytest.raises(ValueError, match="x is"):
+        skinny_linear(x.float(), q, b, weight_scale=scale)
+    with pytest.raises(UnsupportedOptionError, match="whole-row"):
+        skinny_linear(x, q, b, weight_scale=scale, config=DOT_CFG)

@@ -218,8 +218,10 @@ def _skinny_linear_kernel(
 
 @triton.jit
 def _row_input(x_row, row_ok, ks, k_ok, K, eps, ln_w, ln_b, W,
-               HAS_LN: tl.constexpr, HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr):
-    """One input row (K_PAD,) as the multiply reads it: LN(x) rounded to W's dtype, or x."""
+               HAS_LN: tl.constexpr, HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr,
+               ROUND: tl.constexpr):
+    """One input row (K_PAD,) as the multiply reads it: LN(x) rounded to W's dtype (ROUND 0),
+    to float16 (1) or bfloat16 (2) for int8 weights, or x."""
     a = tl.load(x_row + ks, mask=k_ok & row_ok, other=0.0)
     if HAS_LN:  # float32 statistics of the whole row, rounded to the weight dtype
         a = a.to(tl.float32)
@@ -230,7 +232,12 @@ def _row_input(x_row, row_ok, ks, k_ok, K, eps, ln_w, ln_b, W,
             a *= ln_w
         if HAS_LN_B:
             a += ln_b
-        a = a.to(W.dtype.element_ty)
+        if ROUND == 1:
+            a = a.to(tl.float16)
+        elif ROUND == 2:
+            a = a.to(tl.bfloat16)
+        else:
+            a = a.to(W.dtype.element_ty)
     return a.to(tl.float32)
 
 
@@ -249,6 +256,8 @@ def _skinny_rows_kernel(
     HAS_LN_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
     ROWS: tl.constexpr,  # rows per program (program_id(1) picks the row block)
     BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, PERSIST: tl.constexpr, USE_PDL: tl.constexpr,
+    SCALE,  # (N,) float32 per-output-channel scale of int8 weights (HAS_SCALE)
+    HAS_SCALE: tl.constexpr, ROUND: tl.constexpr,
 ):
     """Program p owns column block p, or with PERSIST walks the blocks p, p + P, ... (P programs
     on axis 0), the next block's weight tile loaded before the current one is multiplied."""
@@ -275,12 +284,12 @@ def _skinny_rows_kernel(
     if not PERSIST:  # one column block per program
         _rows_block(X, w, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, ln_w, ln_b,
                     W, cols, ks, k_ok, row0, ln_w, False, HAS_BIAS, HAS_LN, HAS_LN_W, HAS_LN_B,
-                    HAS_RESIDUAL, ACT, ROWS)
+                    HAS_RESIDUAL, ACT, ROWS, SCALE, HAS_SCALE, ROUND)
     else:
         a0 = ln_w  # unused unless ROWS == 1
         if ROWS == 1:  # the one row is normalised once for all blocks
             a0 = _row_input(X + row0 * stride_xm, (tl.zeros_like(ks) + row0) < M, ks, k_ok, K,
-                            eps, ln_w, ln_b, W, HAS_LN, HAS_LN_W, HAS_LN_B)
+                            eps, ln_w, ln_b, W, HAS_LN, HAS_LN_W, HAS_LN_B, ROUND)
         for blk in range(pid, tl.cdiv(N, BLOCK_N), n_progs):
             cols = blk * BLOCK_N + lane
             nxt = cols + n_progs * BLOCK_N
@@ -288,7 +297,7 @@ def _skinny_rows_kernel(
                              mask=(nxt < N)[:, None] & k_ok[None, :], other=0.0)
             _rows_block(X, w, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps, ln_w,
                         ln_b, W, cols, ks, k_ok, row0, a0, ROWS == 1, HAS_BIAS, HAS_LN, HAS_LN_W,
-                        HAS_LN_B, HAS_RESIDUAL, ACT, ROWS)
+                        HAS_LN_B, HAS_RESIDUAL, ACT, ROWS, SCALE, HAS_SCALE, ROUND)
             w = w_next
 
 
@@ -297,21 +306,25 @@ def _rows_block(X, w, BIAS, R, Y, M, N, K, stride_xm, stride_rm, stride_ym, eps,
                 cols, ks, k_ok, row0, a0, HAS_A0: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_W: tl.constexpr,
                 HAS_LN_B: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
-                ROWS: tl.constexpr):
+                ROWS: tl.constexpr, SCALE, HAS_SCALE: tl.constexpr, ROUND: tl.constexpr):
     """Output columns ``cols`` of rows row0 .. row0 + ROWS - 1 from the weight tile w
     (BLOCK_N, K_PAD); with HAS_A0 (one row) a0 is that row's input, computed by the caller."""
     col_ok = cols < N
     wf = w.to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(SCALE + cols, mask=col_ok, other=0.0)
     for i in tl.static_range(ROWS):
         m = row0 + i
         if HAS_A0:
             a = a0
         else:
             a = _row_input(X + m * stride_xm, (tl.zeros_like(ks) + m) < M, ks, k_ok, K,
-                           eps, ln_w, ln_b, W, HAS_LN, HAS_LN_W, HAS_LN_B)
+                           eps, ln_w, ln_b, W, HAS_LN, HAS_LN_W, HAS_LN_B, ROUND)
         y = tl.sum(wf * a[None, :], axis=1)  # (BLOCK_N,)
+        if HAS_SCALE:
+            y *= scale
         if HAS_BIAS:
             y += bias
         y = activate(y, ACT)
@@ -383,18 +396,21 @@ def _check_inputs(
     bias: torch.Tensor | None,
     ln: LnParams | None,
     activation: str,
+    w_dtype: torch.dtype,
 ) -> None:
+    """Shapes and dtypes; ``w_dtype``: the weight's dtype, or for int8 the activation dtype."""
     if activation not in ACTIVATIONS:
         raise UnsupportedOptionError(
             f"activation '{activation}' has no skinny linear kernel ({', '.join(ACTIVATIONS)})"
         )
     check_float("x", x)
-    check_float("weight", weight)
+    if weight.dtype != torch.int8:
+        check_float("weight", weight)
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"weight must be (N, {k}), got {tuple(weight.shape)}")
-    if ln is None and x.dtype != weight.dtype:
-        raise ValueError(f"weight is {weight.dtype} but x is {x.dtype} (float32 x needs ln)")
+    if ln is None and x.dtype != w_dtype:
+        raise ValueError(f"weight is {w_dtype} but x is {x.dtype} (float32 x needs ln)")
     n = weight.shape[0]
     if bias is not None and (tuple(bias.shape) != (n,) or bias.stride(0) != 1):
         raise ValueError(f"bias must be a contiguous ({n},) tensor, got {tuple(bias.shape)}")
@@ -423,9 +439,15 @@ def skinny_linear(
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    weight_scale: torch.Tensor | None = None,
     config: SkinnyConfig | None = None,
 ) -> torch.Tensor:
     """``act(LN(x) @ weight^T + bias)``, stored or added to ``residual`` in place.
+
+    Int8 weight-only quantisation: ``weight`` int8 with ``weight_scale`` (N,) float32 computes
+    ``(LN(x) @ weight^T) * weight_scale + bias`` (per-output-channel scales; the bias dtype,
+    float16 or bfloat16, is the activation dtype: LN(x) is rounded to it, it is the default
+    output and the dtype x must have without ``ln``). Whole-row kernel only (up to 4 rows).
 
     Args:
         x: (..., K) in weight's dtype, or any float dtype (float32 residual stream) with ``ln``.
@@ -441,7 +463,10 @@ def skinny_linear(
     Returns:
         (..., N): residual, or y in ``out_dtype``.
     """
-    _check_inputs(x, weight, bias, ln, activation)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got {tuple(weight.shape)}")
+    act_dtype = _check_int8(weight, weight_scale, bias) if weight.dtype == torch.int8 else None
+    _check_inputs(x, weight, bias, ln, activation, act_dtype or weight.dtype)
     n, k = weight.shape
     ln_w, ln_b, eps = _check_ln(ln, k) if ln is not None else (None, None, 0.0)
     x2d = as_rows(x)  # (M, K)
@@ -452,7 +477,7 @@ def skinny_linear(
         _check_residual(residual, x, n)
         y = residual
     else:
-        out_dtype = out_dtype or weight.dtype
+        out_dtype = out_dtype or act_dtype or weight.dtype
         if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
         y = out_or_empty(out, (*x.shape[:-1], n), out_dtype, x.device)
@@ -487,8 +512,14 @@ def skinny_linear(
         "ACT": ACTIVATIONS[activation],
     }  # fmt: skip
     if cfg.block_k == 0:
-        _launch_rows(args, flags, cfg, m, n, k, x.device)
+        rnd = {None: 0, torch.float16: 1, torch.bfloat16: 2}[act_dtype]
+        scale = weight_scale if weight_scale is not None else weight
+        _launch_rows(args, flags, cfg, m, n, k, x.device, scale, rnd)
         return y
+    if act_dtype is not None:
+        raise UnsupportedOptionError(
+            f"int8 weights need the whole-row kernel (up to {MAX_ROW_ROWS} rows), got {cfg}"
+        )
     block_m = min(cfg.block_m, next_power_of_2(m))
     block_m = max(16, block_m) if cfg.use_dot else block_m
     grid = (cdiv(n, cfg.block_n), cdiv(m, block_m))
@@ -500,8 +531,28 @@ def skinny_linear(
     return y
 
 
+def _check_int8(weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
+    """The activation dtype of an int8-weight call (its bias dtype), after checking the scale."""
+    n = weight.shape[0]
+    if scale is None or tuple(scale.shape) != (n,) or scale.dtype != torch.float32:
+        raise ValueError(f"int8 weights need weight_scale, a ({n},) float32 tensor")
+    if scale.stride(0) != 1:
+        raise ValueError("weight_scale must be contiguous")
+    if bias is None or bias.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("int8 weights need a float16 or bfloat16 bias (the activation dtype)")
+    return bias.dtype
+
+
 def _launch_rows(
-    args: tuple, flags: dict, cfg: SkinnyConfig, m: int, n: int, k: int, device: torch.device
+    args: tuple,
+    flags: dict,
+    cfg: SkinnyConfig,
+    m: int,
+    n: int,
+    k: int,
+    device: torch.device,
+    scale: torch.Tensor,
+    rnd: int,
 ) -> None:
     """The whole-row kernel: ``cfg.block_m`` (<= 4) rows per program, all of K in one tile."""
     k_pad = next_power_of_2(k)
@@ -524,6 +575,9 @@ def _launch_rows(
         BLOCK_N=cfg.block_n,
         K_PAD=k_pad,
         PERSIST=cfg.persist > 0,
+        SCALE=scale,
+        HAS_SCALE=rnd > 0,
+        ROUND=rnd,
         **pdl_kwargs(device),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -541,6 +595,7 @@ def skinny_linear_ref(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     upcast: bool = False,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain torch :func:`skinny_linear`: ``F.layer_norm`` in float32 cast to weight's dtype,
     ``F.linear``, ``F.gelu``, then a store or ``residual += y`` (in place, returned).
@@ -548,9 +603,16 @@ def skinny_linear_ref(
     The GEMM, bias and activation run in weight's dtype (PyTorch's same-dtype result), or in
     float32 with ``upcast`` (the kernel's math up to summation order; the LayerNorm output is
     still rounded to weight's dtype, as the kernel defines). x (..., K), weight (N, K).
+    Int8 ``weight`` with ``weight_scale``: dequantised to float32 (``weight * scale``), then
+    rounded to the bias dtype unless ``upcast``.
     """
     if activation not in ACTIVATIONS:
         raise UnsupportedOptionError(f"unknown activation '{activation}'")
+    if weight.dtype == torch.int8:
+        weight = weight.float() * weight_scale[:, None]
+        weight = weight if upcast else weight.to(bias.dtype)
+        if ln is None and not upcast:
+            x = x.to(weight.dtype)
     h, dtype = x, out_dtype or weight.dtype
     if ln is not None:
         ln_w, ln_b, eps = ln

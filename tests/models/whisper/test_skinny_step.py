@@ -75,3 +75,52 @@ def test_skinny_step_matches_torch_path(rows, n_audio, ragged):
     torch.testing.assert_close(k, ref_k, atol=1e-5, rtol=1e-5)
     # the previous kernel-path step agrees too (the benchmarks' baseline)
     torch.testing.assert_close(logits, old_logits, atol=1e-4, rtol=1e-4)
+
+
+def _int8_representable(net: WhisperNet) -> WhisperNet:
+    """Round every step GEMM weight (and the tied embedding) to what int8 per-row quantisation
+    keeps, in float16: the int8 copies are then (nearly) lossless."""
+    from speechrt.models.whisper.model import cast_, quantize_int8
+
+    net = cast_(net, torch.float16)
+    with torch.no_grad():
+        mods = [net.decoder.tok_emb]
+        for layer in net.decoder.layers:
+            a, c, f = layer.self_attn, layer.cross_attn, layer.ffn
+            mods += [a.wq, a.wk, a.wv, a.wo, c.wq, c.wo, f.fc1, f.fc2]
+        for mod in mods:
+            kw = quantize_int8(mod.weight, None)
+            mod.weight.copy_((kw["weight"].float() * kw["weight_scale"][:, None]).half())
+    return net
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_int8_step_matches_float_torch_path(rows):
+    """``quantize_step_int8``: the skinny step on int8 weights gives the logits of the float16
+    torch path on the same (int8-representable) weights, and prefill still uses the float ones."""
+    torch.manual_seed(0)
+    feats = torch.randn(1, DIMS.n_audio_ctx, DIMS.n_text_state).half()
+    tokens = torch.randint(0, DIMS.n_vocab, (rows, 6))
+    starts = torch.full((rows,), 3)
+    outs = []
+    with torch.inference_mode():
+        for int8 in (False, True):
+            net = _int8_representable(_random_net(seed=2))
+            net.kernels = int8
+            net.decoder.skinny_step = int8
+            if int8:
+                net.decoder.quantize_step_int8()
+                assert net.decoder.layers[0].int8["fc1"]["weight"].dtype == torch.int8
+            outs.append(_decode(net, feats, tokens, starts))
+    (ref_logits, ref_k), (logits, k) = outs
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, ref_logits, atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(k.float(), ref_k.float(), atol=3e-3, rtol=3e-3)
+    assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() >= 0.9
+
+
+def test_int8_needs_half_model():
+    from speechrt.errors import UnsupportedOptionError
+
+    with pytest.raises(UnsupportedOptionError, match="float16"):
+        _random_net(seed=0).decoder.quantize_step_int8()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speechrt.errors import AudioError
+from speechrt.errors import AudioError, UnsupportedOptionError
 from speechrt.kernels._utils import triton_importable
 from speechrt.models.whisper.config import WhisperDims
 
@@ -57,6 +57,18 @@ def _add_norm_fused(branch: Tensor, residual: Tensor, norm: LayerNorm) -> tuple[
     from speechrt.kernels.layer_norm import add_layer_norm
 
     return add_layer_norm(branch, residual, norm.weight, norm.bias, norm.eps, h_out=residual)
+
+
+def quantize_int8(weight: Tensor, bias: Tensor | None) -> dict[str, Tensor]:
+    """``skinny_linear`` keywords of an int8 weight-only copy of ``weight`` (N, K): symmetric
+    per-output-channel scales max|w| / 127 (float32); the bias stays in the activation dtype
+    (zeros when None: the int8 kernel takes its dtype from it)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0  # (N,)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return {"weight": q, "bias": bias.detach(), "weight_scale": scale}
 
 
 def _ln(norm: LayerNorm) -> tuple[Tensor, Tensor, float]:
@@ -255,6 +267,7 @@ class DecoderLayer(nn.Module):
         self.cache: KVCache | None = None
         self.cross_cache: KVCache | None = None
         self.n_audio = 0
+        self.int8: dict[str, dict[str, Tensor]] | None = None  # quantize_step_int8
 
     def forward(self, x: Tensor, p: _Pass) -> Tensor:  # (B, T, D)
         x = x + self._self_attend(self.self_attn_norm(x), p)
@@ -278,23 +291,40 @@ class DecoderLayer(nn.Module):
         from speechrt.kernels.decode_attention import decode_attention
         from speechrt.kernels.skinny_linear import skinny_linear
 
-        a, c, f = self.self_attn, self.cross_attn, self.ffn
+        a, c = self.self_attn, self.cross_attn
         b, _, d = x.shape
+        w = self._step_weights()
         rows = x.view(b, d)  # (B, D) FP32 residual stream
-        qkv = skinny_linear(rows, *a.packed_qkv(), ln=_ln(self.self_attn_norm))  # (B, 3D)
+        qkv = skinny_linear(rows, **w["qkv"], ln=_ln(self.self_attn_norm))  # (B, 3D)
         q, k, v = (t.view(b, a.n_head, -1) for t in qkv.split(d, dim=-1))  # (B, H, Dh) each
         ck, cv = self.cache.k[:b], self.cache.v[:b]  # (B, H, L, Dh)
         out = decode_attention(q, ck, cv, p.lengths, k_new=k, v_new=v, num_splits=1)
-        skinny_linear(out.view(b, d), a.wo.weight, a.wo.bias, residual=rows)
-        q = skinny_linear(rows, c.wq.weight, c.wq.bias, ln=_ln(self.cross_attn_norm))
+        skinny_linear(out.view(b, d), **w["wo"], residual=rows)
+        q = skinny_linear(rows, **w["cross_wq"], ln=_ln(self.cross_attn_norm))
         n = p.n_audio or self.n_audio
         ck, cv = self.cross_cache.k[:n], self.cross_cache.v[:n]  # (A, H, S, Dh)
         out = decode_attention(q.view(b, c.n_head, -1), ck, cv, None, group=b // n)
-        skinny_linear(out.view(b, d), c.wo.weight, c.wo.bias, residual=rows)
-        hid = skinny_linear(
-            rows, f.fc1.weight, f.fc1.bias, ln=_ln(self.ffn_norm), activation="gelu"
-        )  # (B, 4D)
-        skinny_linear(hid, f.fc2.weight, f.fc2.bias, residual=rows)
+        skinny_linear(out.view(b, d), **w["cross_wo"], residual=rows)
+        hid = skinny_linear(rows, **w["fc1"], ln=_ln(self.ffn_norm), activation="gelu")  # (B, 4D)
+        skinny_linear(hid, **w["fc2"], residual=rows)
+
+    def _step_weights(self) -> dict[str, dict[str, Tensor]]:
+        """``skinny_linear`` weight keywords per step GEMM: the int8 copies when quantised."""
+        if self.int8 is not None:
+            return self.int8
+        a, c, f = self.self_attn, self.cross_attn, self.ffn
+        pairs = {
+            "qkv": a.packed_qkv(), "wo": (a.wo.weight, a.wo.bias),
+            "cross_wq": (c.wq.weight, c.wq.bias), "cross_wo": (c.wo.weight, c.wo.bias),
+            "fc1": (f.fc1.weight, f.fc1.bias), "fc2": (f.fc2.weight, f.fc2.bias),
+        }  # fmt: skip
+        return {name: {"weight": w, "bias": b} for name, (w, b) in pairs.items()}
+
+    def quantize_step_int8(self) -> None:
+        """Keep int8 copies (symmetric, per output channel) of the step GEMM weights; the
+        float weights stay for prefill and wider steps."""
+        self.int8 = None
+        self.int8 = {name: quantize_int8(**kw) for name, kw in self._step_weights().items()}
 
     def _self_attend(self, h: Tensor, p: _Pass) -> Tensor:
         if p.fused and p.kind == "step":
@@ -398,6 +428,7 @@ class TextDecoder(nn.Module):
         )
         self.norm = LayerNorm(d)
         self.skinny_step: bool | None = None
+        self.int8_logits: dict[str, Tensor] | None = None  # quantize_step_int8
 
     def run(self, x: Tensor, p: _Pass, at: Tensor | None = None) -> Tensor:
         """Embedded tokens (B, T, D) -> logits (B, T, V) in FP32, or (B, K, V) of the
@@ -437,7 +468,18 @@ class TextDecoder(nn.Module):
         x = x.float().contiguous()  # (B, 1, D) FP32 residual, updated in place
         for layer in self.layers:
             layer.step_fused(x, p)
-        return skinny_linear(x, self.tok_emb.weight, ln=_ln(self.norm), out_dtype=torch.float32)
+        logits = self.int8_logits or {"weight": self.tok_emb.weight}
+        return skinny_linear(x, **logits, ln=_ln(self.norm), out_dtype=torch.float32)
+
+    def quantize_step_int8(self) -> None:
+        """Int8 weight-only copies of every GEMM of a skinny step (each layer's six and the
+        tied output projection), used by the skinny steps from now on (capture graphs after);
+        prefill and wider steps keep the float weights. Measured in BENCHMARKS.md."""
+        if self.tok_emb.weight.dtype not in (torch.float16, torch.bfloat16):
+            raise UnsupportedOptionError("int8 decode weights need a float16/bfloat16 model")
+        for layer in self.layers:
+            layer.quantize_step_int8()
+        self.int8_logits = quantize_int8(self.tok_emb.weight, None)
 
     def embed(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """tokens (B, T) at positions [0, T), or (B, 1) at ``positions`` (B,) -> (B, T, D)."""

@@ -29,7 +29,8 @@ audios at position 64, caches of 448 positions) replayed from a CUDA graph: ``to
 path, ``kv_len`` = 65), ``fused_old`` (kernel path, GEMM + fused add/LayerNorm per sublayer),
 ``fused_skinny`` (kernel path, 8-9 launches per layer, with programmatic dependent launch on
 Hopper; ``fused_skinny_nopdl`` without it; ``fused_skinny_pP`` with P persistent GEMV programs
-per SM, ``skinny_linear.DEFAULT_PERSIST``). ``gpu_ops`` = CUDA kernels (and
+per SM, ``skinny_linear.DEFAULT_PERSIST``; ``fused_skinny_int8``: int8 weight-only copies of
+the step GEMMs, ``TextDecoder.quantize_step_int8``, up to 4 rows). ``gpu_ops`` = CUDA kernels (and
 memsets/copies) of one eager step (torch profiler); ``max_err`` = max |logits - torch path logits|.
 """
 
@@ -248,6 +249,13 @@ def step_rows(model: str, rows: list[int], dtype: torch.dtype) -> list[dict[str,
             os.environ["SPEECHRT_PDL"], skinny_linear.DEFAULT_PERSIST = pdl, persist
             results[provider] = _step(net, feats.to(dtype), tokens)
         os.environ["SPEECHRT_PDL"], skinny_linear.DEFAULT_PERSIST = "1", default_persist
+        if b <= 4 and dtype != torch.float32:  # int8 weight-only copies of the step GEMMs
+            net.kernels, net.decoder.skinny_step = True, True
+            net.decoder.quantize_step_int8()
+            results["fused_skinny_int8"] = _step(net, feats.to(dtype), tokens)
+            net.decoder.int8_logits = None
+            for layer in net.decoder.layers:
+                layer.int8 = None
         ref = results["torch"][0]
         for provider, (logits, ms, n_kernels) in results.items():
             out.append({

@@ -6,7 +6,7 @@ dominate kernels moving 3-13 MB. With PDL (Hopper and newer) a kernel is launche
 predecessor still runs: it issues the loads that do not depend on the predecessor (weights)
 and then blocks in :func:`gdc_wait` until the predecessor has completed and its writes are
 visible. Kernels call :func:`gdc_launch_dependents` right AFTER their wait, so that at most two
-kernels of the chain are resident: called before it, every queued kernel launched at once and
+kernels of the chain are resident: called before it, every queued kernel could launch at once and
 their waiting programs could take the SMs from the one running (a B=16 step ran 1.3x slower on the
 H200). CUDA graphs capture these launches as programmatic edges.
 

@@ -30,10 +30,12 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO / "src"))
 
-from speechrt.benchmark.common import environment, markdown_table, write_csv  # noqa: E402
-
-sys.path.insert(0, str(REPO / "bench"))
-from skinny_micro import _graph_ms  # noqa: E402
+from speechrt.benchmark.common import (  # noqa: E402
+    environment,
+    graph_ms_per_call,
+    markdown_table,
+    write_csv,
+)
 
 ROTATE_BYTES = 256 * 2**20
 CALLS = 20
@@ -83,7 +85,8 @@ def case_rows(name: str, heads: int, dim: int, splits: list[int], blocks: list[i
 
                 res = call(k0.clone(), v0.clone())
                 row["max_err"] = float((res.float() - gold).abs().max())
-                ms = _graph_ms([lambda i=i: call(*caches[i % copies]) for i in range(CALLS)])
+                calls = [lambda i=i: call(*caches[i % copies]) for i in range(CALLS)]
+                ms = graph_ms_per_call(calls)
                 row["us"], row["GB/s"] = 1000 * ms, read / ms / 1e6
             except Exception as e:  # noqa: BLE001 - a variant that cannot launch is a row
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"

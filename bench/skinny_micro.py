@@ -41,10 +41,8 @@ import functools
 import json
 import math
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,6 +56,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from speechrt.benchmark.common import (  # noqa: E402
     environment,
+    graph_ms_per_call,
     kernel_profile,
     markdown_table,
     write_csv,
@@ -74,33 +73,6 @@ GEMMS = {
     "fc2": (1, 4, False, "identity", True),
     "logits": ("vocab", 1, True, "identity", False),
 }
-
-
-def _graph_ms(calls: list[Callable[[], object]], reps: int = 30) -> float:
-    """Milliseconds per call: the calls captured in one CUDA graph, median replay / len."""
-    for fn in calls:  # compile and warm up outside the capture
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            for fn in calls:
-                fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times) / len(calls)
 
 
 class GemmCase:
@@ -173,7 +145,7 @@ def _gemm_row(case: GemmCase, model: str, provider: str, config, run) -> dict[st
         out = run(case.weights[0], fresh)
         row["max_err"] = float((out.float() - case.gold().float()).abs().max())
         weights = [case.weights[i % len(case.weights)] for i in range(CALLS)]
-        ms = _graph_ms([functools.partial(run, w, case.r) for w in weights])
+        ms = graph_ms_per_call([functools.partial(run, w, case.r) for w in weights])
         row["us"], row["GB/s"] = 1000 * ms, case.nbytes / ms / 1e6
     except Exception as e:  # noqa: BLE001 - a config that cannot launch is a row, not a crash
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
@@ -286,7 +258,7 @@ def _step(net, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor,
             return net.step(tok, pos, kv_len=kv)
 
         logits = step().clone()
-        ms = _graph_ms([step], reps=50)
+        ms = graph_ms_per_call([step], reps=50)
         n_kernels = sum(r["calls"] for r in kernel_profile(step, warmup=1)[0])
     return logits, ms, n_kernels
 

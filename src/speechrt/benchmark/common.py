@@ -6,6 +6,7 @@ import csv
 import datetime
 import os
 import platform
+import statistics
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,34 @@ def cuda_time_ms(
         spent += t
     times.sort()
     return times[len(times) // 2]
+
+
+def graph_ms_per_call(calls: list[Callable[[], object]], reps: int = 30) -> float:
+    """Milliseconds per call: the calls captured in one CUDA graph (after one warm-up call
+    each), median of ``reps`` replays from CUDA events / number of calls. Needs CUDA."""
+    for fn in calls:  # compile and warm up outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            for fn in calls:
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times) / len(calls)
 
 
 def sync_cuda() -> None:

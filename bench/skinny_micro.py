@@ -194,8 +194,11 @@ def _speedups(rows: list[dict[str, object]]) -> None:
 
 
 # ------------------------------------------------------------------------------------- steps
-def step_rows(model: str, rows: list[int], dtype: torch.dtype) -> list[dict[str, object]]:
-    """One decode step of a random-weight decoder: torch path, old and new kernel path."""
+def step_rows(
+    model: str, rows: list[int], dtype: torch.dtype, sweep: tuple = ()
+) -> list[dict[str, object]]:
+    """One decode step of a random-weight decoder: torch path, old and new kernel paths, the
+    persistent one-launch step (default config, then each of ``sweep``, StepConfigs)."""
     from speechrt.benchmark.whisper import build_speechrt
     from speechrt.kernels import skinny_linear
     from speechrt.models.whisper.config import preset
@@ -218,9 +221,24 @@ def step_rows(model: str, rows: list[int], dtype: torch.dtype) -> list[dict[str,
             ("fused_skinny_p3", True, True, "1", 3),
         ):
             net.kernels, net.decoder.skinny_step = kernels, skinny
+            net.decoder.persistent_step = False
             os.environ["SPEECHRT_PDL"], skinny_linear.DEFAULT_PERSIST = pdl, persist
             results[provider] = _step(net, feats.to(dtype), tokens)
         os.environ["SPEECHRT_PDL"], skinny_linear.DEFAULT_PERSIST = "1", default_persist
+        if b <= 4:  # the persistent one-launch step (kernels.decoder_step)
+            net.kernels, net.decoder.persistent_step = True, True
+            for cfg in (None, *sweep):
+                net.decoder.persistent.config = cfg
+                name = "persistent" if cfg is None else f"persistent_{cfg}"
+                try:
+                    results[name] = _step(net, feats.to(dtype), tokens)
+                except Exception as exc:  # noqa: BLE001 - a config that fails is reported
+                    print(f"{name}: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
+                if net.decoder.persistent.failed():
+                    print(f"{name}: a grid barrier timed out", file=sys.stderr)
+                    net.decoder.persistent = type(net.decoder.persistent)(net.decoder)
+            net.decoder.persistent.config = None
+            net.decoder.persistent_step = False
         if b <= 4 and dtype != torch.float32:  # int8 weight-only copies of the step GEMMs
             net.kernels, net.decoder.skinny_step = True, True
             net.decoder.quantize_step_int8()
@@ -275,6 +293,10 @@ def main() -> None:
         help="seconds after which the CONFIGS sweep is cut short (defaults are always timed)",
     )  # fmt: skip
     parser.add_argument("--no-step", action="store_true", help="skip the whole-step part")
+    parser.add_argument(
+        "--persistent-sweep", action="store_true",
+        help="also time the persistent step at every decoder_step.SWEEP config",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the rows to this CSV file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -288,7 +310,11 @@ def main() -> None:
         for model in args.models:  # torch and default rows of every model first
             gemm += gemm_rows(model, args.rows, dtype, [])[0]
     if not args.no_step:
-        steps = step_rows(args.models[0], args.rows, dtype)
+        from speechrt.kernels.decoder_step import SWEEP
+
+        sweep = SWEEP if args.persistent_sweep else ()
+        for model in args.models:
+            steps += step_rows(model, args.rows, dtype, sweep if model == args.models[0] else ())
     with torch.inference_mode():  # the first model's config sweep, until the time limit
         rows, skipped = gemm_rows(
             args.models[0], args.rows, dtype, list(CONFIGS), t0 + args.time_limit

@@ -10,9 +10,12 @@ kernels of the chain are resident: called before it, every queued kernel could l
 their waiting programs could take the SMs from the one running (a B=16 step ran 1.3x slower on the
 H200). CUDA graphs capture these launches as programmatic edges.
 
-Rules for a kernel that takes ``USE_PDL``: before ``gdc_wait`` it reads only memory no kernel of
-the step writes (weights, biases, LayerNorm parameters) and writes nothing. Launched without the
-attribute (``USE_PDL`` off, a pre-Hopper GPU, the interpreter) both calls are no-ops.
+Rules for a kernel that takes ``USE_PDL``: before ``gdc_wait`` it writes nothing and reads only
+memory that the kernel launched just before it does not write (weights, biases, LayerNorm
+parameters, attention caches filled by earlier kernels): that kernel is the only one that can
+still be running, since it released this one only after its own wait for the one before.
+Launched without the attribute (``USE_PDL`` off, a pre-Hopper GPU, the interpreter) both calls
+are no-ops.
 
 ``SPEECHRT_PDL=0`` in the environment turns it off (read at each launch, so benchmarks can
 compare both ways in one process).

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from speechrt.errors import AudioError, UnsupportedOptionError
 from speechrt.kernels._utils import triton_importable
 from speechrt.models.whisper.config import WhisperDims
+from speechrt.models.whisper.stacked import PersistentStep
 
 
 class LayerNorm(nn.LayerNorm):
@@ -222,14 +223,13 @@ class AudioEncoder(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static key/value buffers, (max_batch, H, max_len, D/H) each."""
+    """Static key/value buffers, (max_batch, H, max_len, D/H) each (views of the decoder's
+    stacked caches, see :meth:`WhisperNet.setup_caches`)."""
 
-    def __init__(self, max_batch: int, n_head: int, max_len: int, head_dim: int, like: Tensor):
+    def __init__(self, k: Tensor, v: Tensor):
         super().__init__()
-        shape = (max_batch, n_head, max_len, head_dim)
-        opts = {"dtype": like.dtype, "device": like.device}
-        self.register_buffer("k", torch.zeros(shape, **opts), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, **opts), persistent=False)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
 
 @dataclass
@@ -428,6 +428,11 @@ class TextDecoder(nn.Module):
         )
         self.norm = LayerNorm(d)
         self.skinny_step: bool | None = None
+        self.persistent_step = False  # experimental: see uses_persistent
+        self.persistent = PersistentStep(self)
+        # (self k, self v, cross k, cross v): (L, B, H, T, Dh) and (L, A, H, S, Dh), whose
+        # per-layer views are the layers' caches (set by WhisperNet.setup_caches)
+        self.stacked_caches: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.int8_logits: dict[str, Tensor] | None = None  # quantize_step_int8
 
     def run(self, x: Tensor, p: _Pass, at: Tensor | None = None) -> Tensor:
@@ -445,6 +450,14 @@ class TextDecoder(nn.Module):
         if at is not None:
             x = x.index_select(1, at)  # (B, K, D)
         return (x @ torch.transpose(self.tok_emb.weight.to(x.dtype), 0, 1)).float()
+
+    def uses_persistent(self, rows: int, n_audio: int, device: torch.device) -> bool:
+        """Whether a kernel-path step of ``rows`` rows over ``n_audio`` audios runs the
+        persistent one-launch kernel (``models.whisper.stacked``): only when
+        ``persistent_step`` is True (experimental: slower than the skinny step on the H200,
+        BENCHMARKS.md session 6), for 1-4 rows, one per audio; under the interpreter it runs
+        phase by phase."""
+        return bool(self.persistent_step) and rows == n_audio and rows <= 4
 
     def _skinny(self, rows: int) -> bool:
         if self.skinny_step is None:
@@ -540,11 +553,19 @@ class WhisperNet(nn.Module):
         max_len = max_len or dims.n_text_ctx
         max_audio = max_audio or max_batch
         head_dim = dims.n_text_state // dims.n_text_head
+        n, h = dims.n_text_layer, dims.n_text_head
+        opts = {"dtype": like.dtype, "device": like.device}
+        self.decoder.stacked_caches = None  # the old ones are freed before the new ones exist
         for layer in self.decoder.layers:
-            layer.cache = KVCache(max_batch, dims.n_text_head, max_len, head_dim, like)
-            layer.cross_cache = KVCache(
-                max_audio, dims.n_text_head, dims.n_audio_ctx, head_dim, like
-            )
+            layer.cache = layer.cross_cache = None
+        self_kv = [torch.zeros(n, max_batch, h, max_len, head_dim, **opts) for _ in range(2)]
+        cross_kv = [
+            torch.zeros(n, max_audio, h, dims.n_audio_ctx, head_dim, **opts) for _ in range(2)
+        ]
+        for i, layer in enumerate(self.decoder.layers):
+            layer.cache = KVCache(self_kv[0][i], self_kv[1][i])
+            layer.cross_cache = KVCache(cross_kv[0][i], cross_kv[1][i])
+        self.decoder.stacked_caches = (*self_kv, *cross_kv)
         self.max_batch, self.max_audio = max_batch, max_audio
         self.cache_version += 1
 
@@ -597,6 +618,9 @@ class WhisperNet(nn.Module):
         more, for a batch padded with rows of audios beyond those set).
         """
         if self.uses_kernels(tokens.device):
+            dec, rows = self.decoder, tokens.shape[0]
+            if dec.uses_persistent(rows, n_audio or dec.layers[0].n_audio, tokens.device):
+                return dec.persistent(tokens[:, 0], positions)
             p = _Pass("step", positions=positions, lengths=positions + 1, n_audio=n_audio,
                       fused=True)  # fmt: skip
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from speechrt.errors import UnsupportedOptionError
 from speechrt.models.whisper.model import WhisperNet, cast_
 
 pytest.importorskip("triton")
@@ -64,6 +65,11 @@ def test_stacking_keeps_weights_once_and_follows_replacements():
     net.setup_caches(2, 8, 2)
     same = net.decoder.persistent.stack()
     assert same.qkv_w is stack.qkv_w and same.self_k is net.decoder.stacked_caches[0]
+    # caches moved out of the stacked tensors: a clear error, not a read of stale memory
+    layer0 = net.decoder.layers[0]
+    layer0.cache.k = layer0.cache.k.clone()
+    with pytest.raises(UnsupportedOptionError, match="setup_caches again"):
+        net.decoder.persistent.stack()
     # replaced parameters (a dtype cast) are stacked again
     cast_(net, torch.float16)
     net.setup_caches(1, 8, 1)

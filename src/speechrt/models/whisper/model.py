@@ -556,6 +556,7 @@ class WhisperNet(nn.Module):
         n, h = dims.n_text_layer, dims.n_text_head
         opts = {"dtype": like.dtype, "device": like.device}
         self.decoder.stacked_caches = None  # the old ones are freed before the new ones exist
+        self.decoder.persistent.forget_caches()
         for layer in self.decoder.layers:
             layer.cache = layer.cross_cache = None
         self_kv = [torch.zeros(n, max_batch, h, max_len, head_dim, **opts) for _ in range(2)]

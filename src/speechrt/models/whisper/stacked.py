@@ -75,6 +75,14 @@ class PersistentStep:
         caches = self.decoder.stacked_caches
         if caches is None:
             raise UnsupportedOptionError("the persistent step needs caches (setup_caches)")
+        first = self.decoder.layers[0]
+        if first.cache.k.data_ptr() != caches[0].data_ptr() or (
+            first.cross_cache.v.data_ptr() != caches[3].data_ptr()
+        ):
+            raise UnsupportedOptionError(
+                "the layers' caches are no longer views of the stacked caches (moved with "
+                ".to()?): call setup_caches again"
+            )
         s = self._stack
         if s is None or not self._weights_alive():
             self._stack = self._build(caches)
@@ -85,6 +93,14 @@ class PersistentStep:
             self._stack.check()
             self._states.clear()
         return self._stack
+
+    def forget_caches(self) -> None:
+        """Drop the stack's references to the caches (before new ones are allocated)."""
+        if self._stack is not None:
+            none = torch.empty(0)
+            self._stack = replace(self._stack, self_k=none, self_v=none, cross_k=none,
+                                  cross_v=none)  # fmt: skip
+            self._states.clear()
 
     def _weights_alive(self) -> bool:
         s, dec = self._stack, self.decoder

@@ -35,11 +35,8 @@ try:  # Triton is optional: importing this module must not need it.
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton, tl = MISSING_TRITON, MISSING_TL
 
-__all__ = [
-    "LINE_BYTES", "MAX_SPIN", "grid_exit", "grid_sync", "prefetch_l2", "resident_programs_per_sm",
-]  # fmt: skip
+__all__ = ["MAX_SPIN", "grid_exit", "grid_sync", "prefetch_l2", "resident_programs_per_sm"]
 
-LINE_BYTES = 128  # L2 line: the prefetch granularity
 MAX_SPIN = 1 << 18  # polls before a barrier gives up (~0.1-0.3 s of waiting)
 
 

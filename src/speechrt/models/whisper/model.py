@@ -476,13 +476,18 @@ class TextDecoder(nn.Module):
     def _step_fused(self, x: Tensor, p: _Pass) -> Tensor:
         """Kernel-path step: embedded tokens (B, 1, D) -> logits (B, 1, V) FP32; the residual
         stream is the only state between layers, the final LayerNorm is the logits' prologue."""
-        from speechrt.kernels.skinny_linear import skinny_linear
-
         x = x.float().contiguous()  # (B, 1, D) FP32 residual, updated in place
         for layer in self.layers:
             layer.step_fused(x, p)
-        logits = self.int8_logits or {"weight": self.tok_emb.weight}
-        return skinny_linear(x, **logits, ln=_ln(self.norm), out_dtype=torch.float32)
+        return self.stream_logits(x, self.int8_logits)
+
+    def stream_logits(self, x: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
+        """Final LayerNorm + tied output projection of the FP32 residual stream x (..., D) in
+        one skinny GEMV -> logits (..., V) FP32; ``weights``: int8 keywords, else tok_emb."""
+        from speechrt.kernels.skinny_linear import skinny_linear
+
+        weights = weights or {"weight": self.tok_emb.weight}
+        return skinny_linear(x, **weights, ln=_ln(self.norm), out_dtype=torch.float32)
 
     def quantize_step_int8(self) -> None:
         """Int8 weight-only copies of every GEMM of a skinny step (each layer's six and the
@@ -621,7 +626,7 @@ class WhisperNet(nn.Module):
         if self.uses_kernels(tokens.device):
             dec, rows = self.decoder, tokens.shape[0]
             if dec.uses_persistent(rows, n_audio or dec.layers[0].n_audio, tokens.device):
-                return dec.persistent(tokens[:, 0], positions)
+                return dec.stream_logits(dec.persistent(tokens[:, 0], positions))
             p = _Pass("step", positions=positions, lengths=positions + 1, n_audio=n_audio,
                       fused=True)  # fmt: skip
         else:

@@ -49,9 +49,9 @@ class PersistentStep:
         self._states.clear()
 
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """tokens (B,) at positions (B,), one audio per row -> logits (B, V) float32."""
+        """tokens (B,) at positions (B,), one audio per row -> the (B, D) float32 residual
+        stream after the last layer (the decoder's final LayerNorm + logits follow)."""
         from speechrt.kernels.decoder_step import StepState, decoder_step
-        from speechrt.kernels.skinny_linear import skinny_linear
 
         stack = self.stack()
         tokens, positions = tokens.contiguous(), positions.contiguous()
@@ -59,10 +59,7 @@ class PersistentStep:
         state = self._states.get(rows)
         if state is None:
             state = self._states[rows] = StepState(stack, rows, self._config)
-        x = decoder_step(stack, tokens, positions, state)
-        norm = self.decoder.norm
-        ln = (norm.weight, norm.bias, norm.eps)
-        return skinny_linear(x, self.decoder.tok_emb.weight, ln=ln, out_dtype=torch.float32)
+        return decoder_step(stack, tokens, positions, state)
 
     def failed(self) -> bool:
         """True when a grid barrier of a launch so far timed out (host sync; see kernels._grid)."""

@@ -29,8 +29,10 @@ audios at position 64, caches of 448 positions) replayed from a CUDA graph: ``to
 path, ``kv_len`` = 65), ``fused_old`` (kernel path, GEMM + fused add/LayerNorm per sublayer),
 ``fused_skinny`` (kernel path, 8-9 launches per layer, with programmatic dependent launch on
 Hopper; ``fused_skinny_nopdl`` without it; ``fused_skinny_pP`` with P persistent GEMV programs
-per SM, ``skinny_linear.DEFAULT_PERSIST``; ``fused_skinny_int8``: int8 weight-only copies of
-the step GEMMs, ``TextDecoder.quantize_step_int8``, up to 4 rows). ``gpu_ops`` = CUDA kernels (and
+per SM, ``skinny_linear.DEFAULT_PERSIST``; ``fused_skinny_combine2``: cross-attention's split
+partials combined by a second kernel, ``DecoderLayer.combine_in_kernel`` off;
+``fused_skinny_int8``: int8 weight-only copies of the step GEMMs,
+``TextDecoder.quantize_step_int8``, up to 4 rows). ``gpu_ops`` = CUDA kernels (and
 memsets/copies) of one eager step (torch profiler); ``max_err`` = max |logits - torch path logits|.
 """
 
@@ -202,6 +204,7 @@ def step_rows(
     from speechrt.benchmark.whisper import build_speechrt
     from speechrt.kernels import skinny_linear
     from speechrt.models.whisper.config import preset
+    from speechrt.models.whisper.model import DecoderLayer
 
     dims = preset(model)
     default_persist = skinny_linear.DEFAULT_PERSIST
@@ -225,6 +228,9 @@ def step_rows(
             os.environ["SPEECHRT_PDL"], skinny_linear.DEFAULT_PERSIST = pdl, persist
             results[provider] = _step(net, feats.to(dtype), tokens)
         os.environ["SPEECHRT_PDL"], skinny_linear.DEFAULT_PERSIST = "1", default_persist
+        DecoderLayer.combine_in_kernel = False  # cross-attention's combine as a second kernel
+        results["fused_skinny_combine2"] = _step(net, feats.to(dtype), tokens)
+        DecoderLayer.combine_in_kernel = True
         if b <= 4:  # the persistent one-launch step (kernels.decoder_step)
             net.kernels, net.decoder.persistent_step = True, True
             for cfg in (None, *sweep):

@@ -88,6 +88,44 @@ def test_append_writes_the_cache_then_attends(splits, dtype, device):
     torch.testing.assert_close(out.float(), gold.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b, group, splits", [(1, 1, 5), (4, 1, 3), (6, 3, 4), (5, 2, 2)])
+def test_combine_by_the_last_split(b, group, splits, dtype, device, check_output):
+    """With a counters workspace the last split program of each (cache row, head) combines:
+    same result as the two-kernel path, counters back at zero, reusable (twice), also with
+    ragged lengths (splits past a row's length stay empty) and appends."""
+    h = 3
+    q, k, v = _inputs(b, h, 200, 40, group, dtype, device)
+    counters = torch.zeros(-(-b // group) * h + 2, dtype=torch.int32, device=device)
+    gold = decode_attention_ref(q, k, v, None, group=group)
+    loose = decode_attention_ref(q, k, v, None, group=group, upcast=False)
+    for _ in range(2):
+        out = decode_attention(q, k, v, None, group=group, num_splits=splits, block_n=32,
+                               counters=counters)  # fmt: skip
+        check_output(out, gold, loose, dtype, atol=2e-5, rtol=2e-5)
+        assert not counters.any()
+    two = decode_attention(q, k, v, None, group=group, num_splits=splits, block_n=32)
+    torch.testing.assert_close(out, two, atol=1e-6 if dtype == torch.float32 else 1e-3, rtol=0)
+    if group == 1:
+        lengths = torch.randint(0, 201, (b,), device=device)
+        k_new, v_new = torch.randn(2, b, h, 40, device=device).to(dtype)
+        k_ref, v_ref = k.clone(), v.clone()
+        lengths = lengths.clamp(min=1)
+        gold = decode_attention_ref(q, k_ref, v_ref, lengths, k_new=k_new, v_new=v_new)
+        out = decode_attention(q, k, v, lengths, k_new=k_new, v_new=v_new, num_splits=splits,
+                               block_n=32, counters=counters)  # fmt: skip
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.float(), gold.float(), atol=tol, rtol=tol)
+        assert not counters.any() and torch.equal(k, k_ref)
+
+
+def test_counters_are_checked(device):
+    q, k, v = _inputs(2, 2, 100, 16, 1, torch.float32, device)
+    for bad in (torch.zeros(3, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="counters"):
+            decode_attention(q, k, v, num_splits=2, block_n=32, counters=bad.to(device))
+
+
 def test_strided_query_and_cache_slice(device):
     """q as a slice of a fused (B, 3 * H * D) projection; the cache a row slice of a bigger one."""
     b, h, d, length = 3, 2, 16, 40

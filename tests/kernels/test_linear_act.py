@@ -91,6 +91,47 @@ def test_float32_output_is_the_unrounded_accumulator(dtype, device):
     assert err32 < 1e-4 and err32 < err16 / 4, (err32, err16)
 
 
+TMA_SMALL = [
+    LinearConfig(16, 32, 16, 2, 4, 1, tma=True),
+    LinearConfig(32, 32, 16, 1, 4, 1, tma=True, split_store=True),
+]
+
+
+@pytest.mark.parametrize("config", TMA_SMALL, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ["swish", "gelu"])
+def test_tensor_descriptor_kernel(config, dtype, act, device, check_output, max_err):
+    """The persistent tensor-descriptor kernel: more tiles than programs (each program walks
+    several), ragged rows/columns/K tiles clipped by the descriptors, bias and activation."""
+    x, w, b = _inputs((2, 37, 40), 72, device, dtype)
+    _check(linear_act(x, w, b, act, config=config), x, w, b, act, dtype, check_output, max_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_descriptor_float32_out_no_bias(dtype, device):
+    """float32 output through a descriptor, no bias, written into ``out``."""
+    x, w, _ = _inputs((50, 24), 40, device, dtype, bias=False)
+    out = torch.full((50, 40), float("nan"), device=device)
+    y = linear_act(x, w, None, "identity", out=out, out_dtype=torch.float32, config=TMA_SMALL[1])
+    assert y.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(y, x.float() @ w.float().T, atol=1e-4, rtol=1e-4)
+
+
+def test_tensor_descriptor_falls_back_on_unaligned_rows(device):
+    """K = 20 half values is a 40-byte row stride (descriptors need 16-byte multiples): the
+    pointer kernel runs instead, with the same result."""
+    x, w, b = _inputs((33, 20), 24, device, torch.float16)
+    y = linear_act(x, w, b, "relu", config=TMA_SMALL[0])
+    gold = linear_act_ref(x, w, b, "relu", upcast=True)
+    torch.testing.assert_close(y.float(), gold, atol=2e-3, rtol=2e-3)
+
+
+def test_tensor_descriptor_rejects_float32(device):
+    x, w, b = _inputs((8, 16), 16, device)
+    with pytest.raises(UnsupportedOptionError, match="float16/bfloat16"):
+        linear_act(x, w, b, config=TMA_SMALL[0])
+
+
 def test_strided_rows(device):
     base, w, b = _inputs((9, 2, 32), 24, device)
     x = base[:, 1]  # (9, 32), row stride 64

@@ -15,7 +15,8 @@ Providers (each skipped with a note if its package is missing or it fails):
   ``capture_s`` its capture time;
   ``speechrt_window``: the whole window loop of ``transcribe`` on that engine (greedy with the
   timestamp rules and suppression filters, stop checks), forced to ``steps`` tokens;
-  the encoder rows of ``speechrt`` take the kernel path, ``speechrt_torch`` the torch path;
+  the encoder rows of ``speechrt`` take the kernel path replayed from a CUDA graph per batch
+  (as ``transcribe`` runs it), ``speechrt_torch`` the torch path (eager);
 * ``openai``: openai-whisper's ``model.decoder(tokens, features, kv_cache=...)`` with its
   kv-cache hooks (weights cast to the dtype, LayerNorm kept in FP32 as speechrt does);
 * ``hf``: transformers ``WhisperForConditionalGeneration`` (SDPA) with an
@@ -348,11 +349,18 @@ def hf_decode(model, feats: Tensor, tokens: Tensor, prefix: int) -> Callable[[],
 
 
 def _kernel_path(net) -> Callable[[Tensor], Tensor]:
-    """net.embed_audio on the default path (kernels on CUDA)."""
+    """net.embed_audio on the default path (kernels on CUDA), replayed from a CUDA graph per
+    input shape there, as :meth:`WhisperModel.embed_audio` runs it."""
+    from speechrt.engine.graphs import GraphRunner
 
-    def encode(mel: Tensor) -> Tensor:
+    def eager(mel: Tensor) -> Tensor:
         net.kernels = None
         return net.embed_audio(mel)
+
+    graphs = GraphRunner(eager)
+
+    def encode(mel: Tensor) -> Tensor:
+        return graphs((tuple(mel.shape), mel.dtype), mel)
 
     return encode
 

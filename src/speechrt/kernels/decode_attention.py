@@ -3,7 +3,9 @@
 Flash-decoding: the keys of one (cache row, head) are cut into ``num_splits`` contiguous chunks,
 each program runs an online softmax (float32, base 2) over its chunk and writes its normalised
 partial output with its log-sum-exp; a second kernel combines the partials with float32
-log-sum-exp weights. With one split the first kernel writes the output directly.
+log-sum-exp weights -- or, given a ``counters`` workspace, the last program of each (row, head)
+to finish does (an acquire-release counter per (row, head), reset by that program). With one
+split the first kernel writes the output directly.
 
 Reading is bounded by a per-row length tensor on the device (``lengths[b]`` keys), so the launch
 shape depends only on the cache's static size: the step stays host-sync free and CUDA-graph safe.
@@ -80,12 +82,13 @@ def _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale, APPEND:
 
 @triton.jit
 def _decode_attention_kernel(
-    Q, K, V, KN, VN, LENS, O, LSE,
+    Q, K, V, KN, VN, LENS, O, LSE, FINAL, COUNT,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_knb, stride_knh, stride_vnb, stride_vnh,
     stride_ob, stride_oh, stride_os,
+    stride_fb, stride_fh,
     B, H, L, D, chunk, qk_scale, n_splits,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -95,6 +98,8 @@ def _decode_attention_kernel(
     APPEND: tl.constexpr,
     PRELOAD: tl.constexpr,
     SPLIT: tl.constexpr,
+    FUSE_COMBINE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -176,8 +181,45 @@ def _decode_attention_kernel(
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))  # base 2
         tl.store(LSE + (rows * H + h) * n_splits + split, lse, mask=row_ok)
         tl.store(o_ptrs, out, mask=o_mask)
+        if FUSE_COMBINE:  # the last split of this (cache row, head) to finish combines
+            tl.debug_barrier()  # every thread's partial stores are done
+            done = tl.atomic_add(COUNT + pid, 1, sem="acq_rel", scope="gpu")
+            if done == n_splits - 1:
+                for gi in range(GROUP):
+                    row = kv_row * GROUP + gi
+                    if row < B:
+                        _combine_row(LSE + (row * H + h) * n_splits, O + row * stride_ob
+                                     + h * stride_oh, FINAL + row * stride_fb + h * stride_fh,
+                                     stride_os, D, n_splits, BLOCK_S, BLOCK_D, True)
+                tl.atomic_xchg(COUNT + pid, 0, sem="relaxed", scope="gpu")  # for the next launch
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _combine_row(LSE, PO, OUT, stride_ps, D, n_splits, BLOCK_S: tl.constexpr,
+                 BLOCK_D: tl.constexpr, FROM_L2: tl.constexpr):
+    """OUT[d] = sum_s 2^(lse_s - max) * PO[s, d] / sum_s 2^(lse_s - max) for one (row, head):
+    LSE (n_splits,) base-2 log-sum-exps, PO split s at PO + s * stride_ps. FROM_L2: the
+    partials were written by other programs of this launch (read through L2, never L1)."""
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < n_splits
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    if FROM_L2:
+        lse = tl.load(LSE + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        po = tl.load(PO + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                     other=0.0, cache_modifier=".cg")  # (BLOCK_S, BLOCK_D)
+    else:
+        lse = tl.load(LSE + s, mask=s_ok, other=float("-inf"))
+        po = tl.load(PO + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp2(lse - top)  # (BLOCK_S,), 0 for empty splits
+    total = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * po, axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(OUT + d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -189,26 +231,14 @@ def _combine_kernel(
     BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """Program (row * H + head): out = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max)."""
+    """Program (row * H + head): the split partials combined by :func:`_combine_row`."""
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // H
-    h = pid % H
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < n_splits
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    lse = tl.load(LSE + pid * n_splits + s, mask=s_ok, other=float("-inf"))
-    top = tl.max(lse, axis=0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp2(lse - top)  # (BLOCK_S,), 0 for empty splits
-    po = tl.load(PO + (pid * n_splits + s)[:, None] * D + d[None, :],
-                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_D)
-    total = tl.sum(w, axis=0)
-    out = tl.sum(w[:, None] * po, axis=0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty), mask=d_ok)
+    _combine_row(LSE + pid * n_splits, PO + pid * n_splits * D,
+                 O + (pid // H) * stride_ob + (pid % H) * stride_oh, D, D, n_splits, BLOCK_S,
+                 BLOCK_D, False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +306,7 @@ def decode_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per (row, head) over a key/value cache, reading ``lengths`` keys.
 
@@ -293,6 +324,10 @@ def decode_attention(
             which depends only on static shapes).
         block_n: key tile (default 64, 32 for D > 128; 256 under the interpreter).
         out: optional contiguous (B, H, D) output of q's dtype.
+        counters: optional int32 workspace of at least ceil(B / group) * H zeros, owned by the
+            caller and left zeroed: with it, the last split program of each (cache row, head)
+            to finish combines the partials (one launch instead of two); launches that share
+            it must not run concurrently (on one stream they never do).
     Returns:
         (B, H, D) in q's dtype (``out`` if given).
     """
@@ -310,6 +345,16 @@ def decode_attention(
     chunk = cdiv(cdiv(max(length, 1), splits), block_n) * block_n
     splits = cdiv(max(length, 1), chunk)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    fuse = splits > 1 and counters is not None
+    if counters is not None and (
+        counters.dtype != torch.int32
+        or not counters.is_contiguous()
+        or counters.numel() < programs
+        or counters.device != q.device
+    ):
+        raise ValueError(
+            f"counters must be a contiguous int32 tensor of >= {programs} elements on {q.device}"
+        )
     if splits > 1:
         lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
         partial = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
@@ -321,10 +366,11 @@ def decode_attention(
     # fmt: off
     _decode_attention_kernel[(programs, splits)](
         q, k_cache, v_cache, k_new, v_new, lengths if lengths is not None else q, target, lse,
+        out, counters if fuse else lse,
         q.stride(0), q.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        *o_strides,
+        *o_strides, out.stride(0), out.stride(1),
         b, h, length, d, chunk, scale * math.log2(math.e), splits,
         GROUP=group,
         BLOCK_G=max(16, next_power_of_2(group)),
@@ -334,13 +380,15 @@ def decode_attention(
         APPEND=k_new is not q,
         PRELOAD=k_new is q and lengths is None,
         SPLIT=splits > 1,
+        FUSE_COMBINE=fuse,
+        BLOCK_S=next_power_of_2(splits),
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **pdl_kwargs(q.device),
         num_warps=4,
         num_stages=2,
     )
-    if splits > 1:
+    if splits > 1 and not fuse:
         _combine_kernel[(b * h,)](
             lse, partial, out,
             out.stride(0), out.stride(1),

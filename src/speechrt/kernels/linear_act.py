@@ -13,6 +13,7 @@ reference (``act(F.linear(x, W, b))``) that tests and benchmarks import.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from speechrt.kernels._utils import (
     interpreting,
     next_power_of_2,
     out_or_empty,
+    sm_count,
 )
 
 try:  # Triton is optional: the reference works without it, the launcher needs it.
@@ -46,7 +48,10 @@ __all__ = ["ACTIVATIONS", "CONFIGS", "LinearConfig", "linear_act", "linear_act_r
 
 @dataclass(frozen=True)
 class LinearConfig:
-    """Launch configuration: tile sizes, grouped-order width, warps, pipeline stages."""
+    """Launch configuration: tile sizes, grouped-order width, warps, pipeline stages; ``tma``
+    selects the persistent tensor-descriptor kernel (one program per SM walking the tiles, loads
+    of the next tile pipelined under the current tile's epilogue; float16/bfloat16 on compute
+    capability 9.0+), ``split_store`` stores its epilogue in two column halves."""
 
     block_m: int
     block_n: int
@@ -54,10 +59,13 @@ class LinearConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    tma: bool = False
+    split_store: bool = False
 
     def __str__(self) -> str:
         tiles = f"m{self.block_m}n{self.block_n}k{self.block_k}g{self.group_m}"
-        return f"{tiles}w{self.num_warps}s{self.num_stages}"
+        tma = ("tma2" if self.split_store else "tma") if self.tma else ""
+        return f"{tiles}w{self.num_warps}s{self.num_stages}{tma}"
 
 
 # Candidates for float16/bfloat16 on an H200 (bench/conv_front_micro.py sweeps them at the
@@ -71,12 +79,29 @@ CONFIGS: tuple[LinearConfig, ...] = (
     LinearConfig(256, 128, 64, 8, 8, 3),
     LinearConfig(128, 64, 64, 8, 4, 4),
     LinearConfig(64, 128, 64, 8, 4, 4),
+    LinearConfig(128, 128, 64, 8, 8, 3, tma=True),
+    LinearConfig(128, 128, 64, 8, 4, 4, tma=True),
+    LinearConfig(128, 256, 64, 8, 8, 3, tma=True),
+    LinearConfig(128, 256, 64, 8, 8, 3, tma=True, split_store=True),
+    LinearConfig(128, 256, 64, 8, 8, 4, tma=True, split_store=True),
+    LinearConfig(128, 128, 64, 8, 8, 4, tma=True, split_store=True),
+    LinearConfig(256, 128, 64, 8, 8, 3, tma=True, split_store=True),
 )
 # Float32 (IEEE dots on CUDA cores): small tiles (64 x 128 with 4 warps spills registers).
 CONFIGS_FP32: tuple[LinearConfig, ...] = (
     LinearConfig(64, 64, 32, 8, 4, 2),
     LinearConfig(64, 128, 32, 8, 8, 2),
 )
+
+
+@triton.jit
+def _tile_coords(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of ``tile`` in grouped order: GROUP_M consecutive row tiles walk
+    the column tiles together, so the weight columns they read stay in L2."""
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
 
 
 @triton.jit
@@ -100,15 +125,7 @@ def _linear_act_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped order: GROUP_M consecutive row tiles walk the column tiles together.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -131,11 +148,113 @@ def _linear_act_kernel(
     tl.store(y, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _linear_act_tma_kernel(
+    X_DESC,  # (M, K) tensor descriptor, blocks (BLOCK_M, BLOCK_K)
+    W_DESC,  # (N, K) tensor descriptor, blocks (BLOCK_N, BLOCK_K)
+    Y_DESC,  # (M, N) tensor descriptor, blocks (BLOCK_M, BLOCK_N // (1 + SPLIT_STORE))
+    BIAS,  # (N,) (HAS_BIAS)
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PROGRAMS: tl.constexpr,
+    SPLIT_STORE: tl.constexpr,
+):
+    # Persistent: program p takes tiles p, p + PROGRAMS, ...; the flattened loop lets the
+    # pipeliner issue the next tile's first loads while this tile's epilogue runs. Rows and
+    # columns past M, N, K read as zeros and are not stored (the descriptors clip).
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, tiles_m, tiles_n, GROUP_M)
+        row0 = pid_m * BLOCK_M
+        col0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(k_tiles):
+            a = X_DESC.load([row0, kt * BLOCK_K])
+            w = W_DESC.load([col0, kt * BLOCK_K])
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, w.T, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            cols = col0 + tl.arange(0, BLOCK_N)
+            acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        acc = activate(acc, ACT)
+        if SPLIT_STORE:  # two (BLOCK_M, BLOCK_N / 2) halves: half the staging registers
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            left, right = tl.split(halves)
+            Y_DESC.store([row0, col0], left.to(Y_DESC.dtype))
+            Y_DESC.store([row0, col0 + BLOCK_N // 2], right.to(Y_DESC.dtype))
+        else:
+            Y_DESC.store([row0, col0], acc.to(Y_DESC.dtype))
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether 2-D tensors can be read through tensor descriptors: 16-byte aligned base and
+    row stride, unit column stride, on a GPU of compute capability 9.0+ (or the interpreter)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(1) != 1 or (t.stride(0) * size) % 16 or t.data_ptr() % 16:
+            return False
+    device = tensors[0].device
+    if device.type != "cuda":
+        return interpreting()
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _launch_tma(x2d, weight, bias, y2d, act: int, cfg: LinearConfig) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = x2d.shape
+    n = weight.shape[0]
+    store_n = cfg.block_n // 2 if cfg.split_store else cfg.block_n
+    x_desc = TensorDescriptor.from_tensor(x2d, [cfg.block_m, cfg.block_k])
+    w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
+    y_desc = TensorDescriptor.from_tensor(y2d, [cfg.block_m, store_n])
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    programs = min(tiles, 4 if interpreting() else sm_count(x2d.device))
+    _linear_act_tma_kernel[(programs,)](
+        x_desc, w_desc, y_desc, bias if bias is not None else weight, m, n, k,
+        HAS_BIAS=bias is not None, ACT=act, **dot_precision(x2d.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        PROGRAMS=programs, SPLIT_STORE=cfg.split_store,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+# The persistent tensor-descriptor kernel is the default for float16/bfloat16 on compute
+# capability 9.0+; ``SPEECHRT_LINEAR_TMA=0`` in the environment (read at each launch, so a
+# benchmark can compare both in one process) returns to the pointer kernel.
+TMA_DEFAULT = True
+TMA_CONFIG = LinearConfig(256, 128, 64, 8, 8, 3, tma=True, split_store=True)
+# Below this K the pointer kernel is faster (H200, fp16: 16,384 x 256 -> 2048 0.116 vs 0.127 ms
+# at the best descriptor tiles; 24,000 x 1280 -> 5120 0.76 vs 0.71 ms).
+TMA_MIN_K = 512
+
+
 def _default_config(
-    m: int, n: int, k: int, dtype: torch.dtype, device: torch.device
+    m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, tma: bool | None = None
 ) -> LinearConfig:
-    """Tiles: 128 x 128 x 64, 8 warps, 3 stages -- fastest of the sweep at every measured row
-    count (256..16384 rows x 2048 x 256, fp16, H200: 1.0-1.43x cuBLAS linear + separate SiLU)."""
+    """Half precision on compute capability 9.0+ and K >= :data:`TMA_MIN_K`: :data:`TMA_CONFIG`
+    (when ``tma`` allows).
+    Otherwise tiles 128 x 128 x 64, 8 warps, 3 stages -- fastest of the pointer kernel's sweep at
+    every measured row count (256..16384 rows x 2048 x 256, fp16, H200: 1.0-1.43x cuBLAS linear
+    + separate SiLU)."""
+    if tma is None:
+        tma = TMA_DEFAULT and os.environ.get("SPEECHRT_LINEAR_TMA", "1") != "0"
+    tma = tma and k >= TMA_MIN_K and dtype != torch.float32
+    if tma and device.type == "cuda" and not interpreting():
+        if torch.cuda.get_device_capability(device) >= (9, 0):
+            return TMA_CONFIG
     if interpreting():  # few, large programs: the interpreter's cost is per program and op
         bm = max(16, min(256, next_power_of_2(m)))
         bn = max(16, min(256, next_power_of_2(n)))
@@ -189,6 +308,14 @@ def linear_act(
     if weight.stride(1) != 1:
         weight = weight.contiguous()
     cfg = config or _default_config(m, n, k, x.dtype, x.device)
+    if cfg.tma:
+        if x.dtype == torch.float32:
+            raise UnsupportedOptionError("the tensor-descriptor linear_act runs float16/bfloat16")
+        y2d = y.view(m, n)
+        if _tma_ok(x2d, weight, y2d):
+            _launch_tma(x2d, weight, bias, y2d, ACTIVATIONS[activation], cfg)
+            return y
+        cfg = _default_config(m, n, k, x.dtype, x.device, tma=False)
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
     _linear_act_kernel[grid](
         x2d, weight, bias if bias is not None else weight, y,

@@ -19,6 +19,7 @@ from speechrt.decoding.whisper import WhisperDecodeOptions, WindowDecoder
 from speechrt.engine.batching import Buckets
 from speechrt.engine.decode_graphs import DecodeEngine
 from speechrt.models.whisper import load_whisper
+from speechrt.models.whisper.model import EncoderOptions
 
 OPTIONS = [
     {"language": "en", "sample_len": 48},
@@ -101,9 +102,12 @@ def test_kernel_path_matches_torch_path(pt_path, features):
     ]
     with torch.inference_mode():
         mel = torch.randn(1, 80, N_FRAMES, generator=torch.Generator().manual_seed(3))
-        torch.testing.assert_close(
-            kernel_model.embed_audio(mel), torch_model.embed_audio(mel), atol=2e-4, rtol=2e-4
-        )
+        gold = torch_model.embed_audio(mel)
+        encoder = kernel_model.net.encoder
+        for packed, epilogue in ((True, True), (False, False)):  # default, then both off
+            encoder.options = EncoderOptions(packed_qkv=packed, fc1_epilogue=epilogue)
+            torch.testing.assert_close(kernel_model.embed_audio(mel), gold, atol=2e-4, rtol=2e-4)
+        encoder.options = EncoderOptions()
 
 
 # ------------------------------------------------------------------------------------- GPU
@@ -175,8 +179,13 @@ def test_cuda_encoder_graphs_equal_eager(pt_path, long_audio, jfk, kernels):
     model = load_whisper(pt_path, device="cuda", dtype=torch.float16)
     model.configure(kernels=kernels)
     mel = model.log_mel(long_audio.numpy(), padding=N_SAMPLES)
-    windows = torch.stack([mel[:, :N_FRAMES], mel[:, 500 : 500 + N_FRAMES],
-                           model.log_mel(jfk.numpy(), padding=N_SAMPLES)[:, :N_FRAMES]])
+    windows = torch.stack(
+        [
+            mel[:, :N_FRAMES],
+            mel[:, 500 : 500 + N_FRAMES],
+            model.log_mel(jfk.numpy(), padding=N_SAMPLES)[:, :N_FRAMES],
+        ]
+    )
     model.configure(cuda_graphs=False)
     eager = model.embed_audio(windows)
     model.configure(cuda_graphs=True)

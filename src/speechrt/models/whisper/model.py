@@ -96,6 +96,12 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
         return self.fc2(F.gelu(self.fc1(x)))
 
+    def forward_fused(self, x: Tensor) -> Tensor:  # (B, T, D)
+        """Kernel path: GELU in fc1's GEMM epilogue (one write of the (B, T, 4D) hidden)."""
+        from speechrt.kernels.linear_act import linear_act
+
+        return self.fc2(linear_act(x, self.fc1.weight, self.fc1.bias, "gelu"))
+
 
 class Attention(nn.Module):
     """Projections of multi-head attention (the key projection has no bias)."""
@@ -174,10 +180,33 @@ class EncoderLayer(nn.Module):
             F.scaled_dot_product_attention(a.heads(a.wq(h)), a.heads(a.wk(h)), a.heads(a.wv(h)))
         )
 
-    def forward_fused(self, x: Tensor, h: Tensor, next_norm: LayerNorm) -> tuple[Tensor, Tensor]:
+    def attend_packed(self, h: Tensor) -> Tensor:
+        """``attend`` with q, k, v from one GEMM over the packed (3D, D) projection."""
+        a = self.attn
+        w, b = a.packed_qkv()
+        bsz, t, _ = h.shape
+        qkv = F.linear(h, w, b).view(bsz, t, 3, a.n_head, -1).permute(2, 0, 3, 1, 4)
+        return a.merge(F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]))
+
+    def forward_fused(
+        self, x: Tensor, h: Tensor, next_norm: LayerNorm, options: EncoderOptions
+    ) -> tuple[Tensor, Tensor]:
         """Kernel path: FP32 residual x (B, T, D) and h = attn_norm(x) -> (x', next_norm(x'))."""
-        x, h = _add_norm_fused(self.attend(h), x, self.ffn_norm)
-        return _add_norm_fused(self.ffn(h), x, next_norm)
+        branch = self.attend_packed(h) if options.packed_qkv else self.attend(h)
+        x, h = _add_norm_fused(branch, x, self.ffn_norm)
+        branch = self.ffn.forward_fused(h) if options.fc1_epilogue else self.ffn(h)
+        return _add_norm_fused(branch, x, next_norm)
+
+
+@dataclass
+class EncoderOptions:
+    """Switches of the encoder's kernel path (benchmarks compare them in one run).
+
+    ``packed_qkv``: q, k, v from one GEMM; ``fc1_epilogue``: GELU in fc1's GEMM epilogue
+    (:func:`~speechrt.kernels.linear_act.linear_act`) instead of cuBLAS + a GELU kernel."""
+
+    packed_qkv: bool = True
+    fc1_epilogue: bool = True
 
 
 class AudioEncoder(nn.Module):
@@ -194,6 +223,7 @@ class AudioEncoder(nn.Module):
             EncoderLayer(d, dims.n_audio_head) for _ in range(dims.n_audio_layer)
         )
         self.norm = LayerNorm(d)
+        self.options = EncoderOptions()
 
     def forward(self, mel: Tensor, fused: bool = False) -> Tensor:
         """mel: (B, n_mels, 2 * n_audio_ctx) -> audio features (B, n_audio_ctx, n_audio_state);
@@ -218,18 +248,20 @@ class AudioEncoder(nn.Module):
         h = _norm_fused(x, self.layers[0].attn_norm, dtype)
         norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
         for layer, next_norm in zip(self.layers, norms):
-            x, h = layer.forward_fused(x, h, next_norm)
+            x, h = layer.forward_fused(x, h, next_norm, self.options)
         return h
 
 
 class KVCache(nn.Module):
     """Static key/value buffers, (max_batch, H, max_len, D/H) each (views of the decoder's
-    stacked caches, see :meth:`WhisperNet.setup_caches`)."""
+    stacked caches, see :meth:`WhisperNet.setup_caches`); ``counters``: the zeroed int32
+    workspace of decode attention's in-kernel combine (cross-attention caches)."""
 
-    def __init__(self, k: Tensor, v: Tensor):
+    def __init__(self, k: Tensor, v: Tensor, counters: Tensor | None = None):
         super().__init__()
         self.register_buffer("k", k, persistent=False)
         self.register_buffer("v", v, persistent=False)
+        self.register_buffer("counters", counters, persistent=False)
 
 
 @dataclass
@@ -255,6 +287,10 @@ class _Pass:
 
 class DecoderLayer(nn.Module):
     """Pre-LN block: causal self-attention (cached), cross-attention (cached), feed-forward."""
+
+    # decode steps combine cross-attention's split partials inside the attention kernel (a class
+    # attribute: benchmarks turn it off to compare with the two-kernel combine)
+    combine_in_kernel = True
 
     def __init__(self, dim: int, n_head: int) -> None:
         super().__init__()
@@ -302,8 +338,7 @@ class DecoderLayer(nn.Module):
         skinny_linear(out.view(b, d), **w["wo"], residual=rows)
         q = skinny_linear(rows, **w["cross_wq"], ln=_ln(self.cross_attn_norm))
         n = p.n_audio or self.n_audio
-        ck, cv = self.cross_cache.k[:n], self.cross_cache.v[:n]  # (A, H, S, Dh)
-        out = decode_attention(q.view(b, c.n_head, -1), ck, cv, None, group=b // n)
+        out = self._cross_attend_step(q.view(b, c.n_head, -1), n)
         skinny_linear(out.view(b, d), **w["cross_wo"], residual=rows)
         hid = skinny_linear(rows, **w["fc1"], ln=_ln(self.ffn_norm), activation="gelu")  # (B, 4D)
         skinny_linear(hid, **w["fc2"], residual=rows)
@@ -366,12 +401,9 @@ class DecoderLayer(nn.Module):
         a = self.cross_attn
         n = p.n_audio or self.n_audio
         if p.fused and p.kind == "step":
-            from speechrt.kernels.decode_attention import decode_attention
-
             b, _, d = h.shape
             q = a.wq(h[:, 0]).view(b, a.n_head, -1)  # (B, H, Dh)
-            ck, cv = self.cross_cache.k[:n], self.cross_cache.v[:n]  # (A, H, S, Dh)
-            return a.wo(decode_attention(q, ck, cv, None, group=b // n).view(b, 1, d))
+            return a.wo(self._cross_attend_step(q, n).view(b, 1, d))
         if p.kind == "full":
             k, v = a.heads(a.wk(p.audio)), a.heads(a.wv(p.audio))  # (A, H, S, Dh)
         else:
@@ -384,6 +416,18 @@ class DecoderLayer(nn.Module):
             p.cross_qk.append(((q * scale) @ (k * scale).transpose(-1, -2)).float())
         out = F.scaled_dot_product_attention(q, k, v)  # (A, H, G*T, Dh)
         return a.merge(out).reshape(b, t, d)
+
+    def _cross_attend_step(self, q: Tensor, n_audio: int) -> Tensor:
+        """Decode attention of q (B, H, Dh) over the first ``n_audio`` cross caches (rows grouped
+        by audio), the split partials combined in the kernel unless ``combine_in_kernel`` is
+        off (then a second kernel)."""
+        from speechrt.kernels.decode_attention import decode_attention
+
+        c = self.cross_cache
+        counters = c.counters if self.combine_in_kernel else None
+        group = q.shape[0] // n_audio
+        return decode_attention(q, c.k[:n_audio], c.v[:n_audio], None, group=group,
+                                counters=counters)  # fmt: skip
 
     def set_audio(self, audio: Tensor) -> None:
         """Compute and store cross-attention K/V of audio features (A, S, D)."""
@@ -568,9 +612,10 @@ class WhisperNet(nn.Module):
         cross_kv = [
             torch.zeros(n, max_audio, h, dims.n_audio_ctx, head_dim, **opts) for _ in range(2)
         ]
+        counters = torch.zeros(n, max_audio * h, dtype=torch.int32, device=like.device)
         for i, layer in enumerate(self.decoder.layers):
             layer.cache = KVCache(self_kv[0][i], self_kv[1][i])
-            layer.cross_cache = KVCache(cross_kv[0][i], cross_kv[1][i])
+            layer.cross_cache = KVCache(cross_kv[0][i], cross_kv[1][i], counters[i])
         self.decoder.stacked_caches = (*self_kv, *cross_kv)
         self.max_batch, self.max_audio = max_batch, max_audio
         self.cache_version += 1

@@ -7,6 +7,11 @@ they read, so those stay in L2), a K loop of ``tl.dot`` with float32 accumulatio
 products for float32 inputs, tensor cores for float16/bfloat16), then bias and activation in
 float32 and one rounding to the input dtype.
 
+A second kernel for float16/bfloat16 on compute capability 9.0+ (:data:`TMA_CONFIG`, the default
+from K = :data:`TMA_MIN_K`) is persistent: one program per SM walks the tiles in the same grouped
+order, reads both operands and writes the output through TMA tensor descriptors, and its
+flattened tile loop issues the next tile's loads under the current tile's epilogue.
+
 ``W`` is read in ``nn.Linear`` layout (N, K). :func:`linear_act_ref` is the plain-torch
 reference (``act(F.linear(x, W, b))``) that tests and benchmarks import.
 """

@@ -190,7 +190,7 @@ def _decode_attention_kernel(
                     if row < B:
                         _combine_row(LSE + (row * H + h) * n_splits, O + row * stride_ob
                                      + h * stride_oh, FINAL + row * stride_fb + h * stride_fh,
-                                     stride_os, D, n_splits, BLOCK_S, BLOCK_D, True)
+                                     stride_os, D, n_splits, BLOCK_S, BLOCK_D, ".cg")
                 tl.atomic_xchg(COUNT + pid, 0, sem="relaxed", scope="gpu")  # for the next launch
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=o_mask)
@@ -198,22 +198,17 @@ def _decode_attention_kernel(
 
 @triton.jit
 def _combine_row(LSE, PO, OUT, stride_ps, D, n_splits, BLOCK_S: tl.constexpr,
-                 BLOCK_D: tl.constexpr, FROM_L2: tl.constexpr):
+                 BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
     """OUT[d] = sum_s 2^(lse_s - max) * PO[s, d] / sum_s 2^(lse_s - max) for one (row, head):
-    LSE (n_splits,) base-2 log-sum-exps, PO split s at PO + s * stride_ps. FROM_L2: the
-    partials were written by other programs of this launch (read through L2, never L1)."""
+    LSE (n_splits,) base-2 log-sum-exps, PO split s at PO + s * stride_ps. CACHE: the loads'
+    cache modifier (".cg" for partials other programs of this launch wrote: L2, never L1)."""
     s = tl.arange(0, BLOCK_S)
     s_ok = s < n_splits
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    if FROM_L2:
-        lse = tl.load(LSE + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        po = tl.load(PO + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                     other=0.0, cache_modifier=".cg")  # (BLOCK_S, BLOCK_D)
-    else:
-        lse = tl.load(LSE + s, mask=s_ok, other=float("-inf"))
-        po = tl.load(PO + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
-                     other=0.0)
+    lse = tl.load(LSE + s, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
+    po = tl.load(PO + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                 other=0.0, cache_modifier=CACHE)  # (BLOCK_S, BLOCK_D)
     top = tl.max(lse, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)
     w = tl.exp2(lse - top)  # (BLOCK_S,), 0 for empty splits
@@ -238,7 +233,7 @@ def _combine_kernel(
     pid = tl.program_id(0).to(tl.int64)
     _combine_row(LSE + pid * n_splits, PO + pid * n_splits * D,
                  O + (pid // H) * stride_ob + (pid % H) * stride_oh, D, D, n_splits, BLOCK_S,
-                 BLOCK_D, False)
+                 BLOCK_D, "")
 
 
 # --------------------------------------------------------------------------------------------

@@ -173,26 +173,21 @@ class EncoderLayer(nn.Module):
         x = x + self.attend(self.attn_norm(x))
         return x + self.ffn(self.ffn_norm(x))
 
-    def attend(self, h: Tensor) -> Tensor:
-        """Self-attention of normalised h (B, T, D) -> (B, T, D) (output projection included)."""
+    def attend(self, h: Tensor, packed: bool = False) -> Tensor:
+        """Self-attention of normalised h (B, T, D) -> (B, T, D) (output projection included);
+        ``packed``: q, k, v from one GEMM over the packed (3D, D) projection."""
         a = self.attn
-        return a.merge(
-            F.scaled_dot_product_attention(a.heads(a.wq(h)), a.heads(a.wk(h)), a.heads(a.wv(h)))
-        )
-
-    def attend_packed(self, h: Tensor) -> Tensor:
-        """``attend`` with q, k, v from one GEMM over the packed (3D, D) projection."""
-        a = self.attn
-        w, b = a.packed_qkv()
-        bsz, t, _ = h.shape
-        qkv = F.linear(h, w, b).view(bsz, t, 3, a.n_head, -1).permute(2, 0, 3, 1, 4)
-        return a.merge(F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]))
+        if packed:
+            q, k, v = F.linear(h, *a.packed_qkv()).split(h.shape[-1], dim=-1)
+        else:
+            q, k, v = a.wq(h), a.wk(h), a.wv(h)
+        return a.merge(F.scaled_dot_product_attention(a.heads(q), a.heads(k), a.heads(v)))
 
     def forward_fused(
         self, x: Tensor, h: Tensor, next_norm: LayerNorm, options: EncoderOptions
     ) -> tuple[Tensor, Tensor]:
         """Kernel path: FP32 residual x (B, T, D) and h = attn_norm(x) -> (x', next_norm(x'))."""
-        branch = self.attend_packed(h) if options.packed_qkv else self.attend(h)
+        branch = self.attend(h, packed=options.packed_qkv)
         x, h = _add_norm_fused(branch, x, self.ffn_norm)
         branch = self.ffn.forward_fused(h) if options.fc1_epilogue else self.ffn(h)
         return _add_norm_fused(branch, x, next_norm)

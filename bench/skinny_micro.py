@@ -5,7 +5,7 @@ cache; the config sweep stops at ``--time-limit`` and a second run, with compile
 cached, completes more of it)::
 
     PYTHONPATH=src python bench/skinny_micro.py [--rows 1 4 16] [--models large-v3 tiny]
-        [--dtype float16] [--time-limit 50] [--no-step] [--out skinny.csv]
+        [--dtype float16] [--time-limit 50] [--configs dot split] [--no-step] [--out skinny.csv]
 
 Part "gemm": the decode GEMMs of one layer at M rows (one token per row), as the step runs them:
 
@@ -32,8 +32,10 @@ Hopper; ``fused_skinny_nopdl`` without it; ``fused_skinny_pP`` with P persistent
 per SM, ``skinny_linear.DEFAULT_PERSIST``; ``fused_skinny_combine2``: cross-attention's split
 partials combined by a second kernel, ``DecoderLayer.combine_in_kernel`` off;
 ``fused_skinny_int8``: int8 weight-only copies of the step GEMMs,
-``TextDecoder.quantize_step_int8``, up to 4 rows). ``gpu_ops`` = CUDA kernels (and
-memsets/copies) of one eager step (torch profiler); ``max_err`` = max |logits - torch path logits|.
+``TextDecoder.quantize_step_int8``, up to 4 rows; ``fused_skinny_dot`` / ``_split``: the
+GEMMs on the K-loop tensor-core kernel / the split-K kernel, ``skinny_linear.MANY_ROWS``, also
+at 1-4 rows). ``gpu_ops`` = CUDA kernels (and memsets/copies) of one eager step (torch
+profiler); ``max_err`` = max |logits - torch path logits|.
 """
 
 from __future__ import annotations
@@ -101,6 +103,13 @@ class GemmCase:
             self.x = torch.randn(m, k, device=dev).to(dtype)
         self.r0 = 4 * torch.randn(m, n, device=dev) if self.has_res else None
         self.r = self.r0.clone() if self.has_res else None
+        # what a decoder keeps per weight for the tensor-core kernels: the LayerNorm fold (the
+        # weight copies are equal) and the split-K counters
+        self.extra: dict = {"counters": torch.zeros(1 << 16, dtype=torch.int32, device=dev)}
+        if self.has_ln:
+            from speechrt.kernels.skinny_split import fold_layer_norm
+
+            self.extra["ln_fold"] = fold_layer_norm(w, self.bias, self.ln[0], self.ln[1])
 
     @property
     def shape(self) -> str:
@@ -121,8 +130,9 @@ class GemmCase:
         from speechrt.kernels.skinny_linear import skinny_linear
 
         if self.has_res:
-            return skinny_linear(self.x, w, self.bias, residual=residual, config=config)
-        return skinny_linear(self.x, w, self.bias, config=config, **self.kwargs())
+            return skinny_linear(self.x, w, self.bias, residual=residual, config=config,
+                                 **self.extra)  # fmt: skip
+        return skinny_linear(self.x, w, self.bias, config=config, **self.kwargs(), **self.extra)
 
     def torch_op(self, w: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         h = self.x
@@ -208,6 +218,7 @@ def step_rows(
 
     dims = preset(model)
     default_persist = skinny_linear.DEFAULT_PERSIST
+    many_rows = skinny_linear.MANY_ROWS, skinny_linear.MANY_ROWS_FROM
     net = build_speechrt(dims, dtype, "cuda", seed=0)
     out = []
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -231,6 +242,13 @@ def step_rows(
         DecoderLayer.combine_in_kernel = False  # cross-attention's combine as a second kernel
         results["fused_skinny_combine2"] = _step(net, feats.to(dtype), tokens)
         DecoderLayer.combine_in_kernel = True
+        net.kernels, net.decoder.skinny_step = True, True
+        for kind in ("dot", "split"):  # the many-rows kernels, also where whole-row runs
+            if kind == skinny_linear.MANY_ROWS and b > skinny_linear.MAX_ROW_ROWS:
+                continue  # that is fused_skinny
+            skinny_linear.MANY_ROWS, skinny_linear.MANY_ROWS_FROM = kind, 1
+            results[f"fused_skinny_{kind}"] = _step(net, feats.to(dtype), tokens)
+        skinny_linear.MANY_ROWS, skinny_linear.MANY_ROWS_FROM = many_rows
         if b <= 4:  # the persistent one-launch step (kernels.decoder_step)
             net.kernels, net.decoder.persistent_step = True, True
             for cfg in (None, *sweep):
@@ -298,6 +316,10 @@ def main() -> None:
         "--time-limit", type=float, default=50.0,
         help="seconds after which the CONFIGS sweep is cut short (defaults are always timed)",
     )  # fmt: skip
+    parser.add_argument(
+        "--configs", nargs="*", default=[""],
+        help="sweep only the CONFIGS whose name starts with one of these (e.g. dot split)",
+    )  # fmt: skip
     parser.add_argument("--no-step", action="store_true", help="skip the whole-step part")
     parser.add_argument(
         "--persistent-sweep", action="store_true",
@@ -322,9 +344,8 @@ def main() -> None:
         for model in args.models:
             steps += step_rows(model, args.rows, dtype, sweep if model == args.models[0] else ())
     with torch.inference_mode():  # the first model's config sweep, until the time limit
-        rows, skipped = gemm_rows(
-            args.models[0], args.rows, dtype, list(CONFIGS), t0 + args.time_limit
-        )
+        configs = [c for c in CONFIGS if str(c).startswith(tuple(args.configs))]
+        rows, skipped = gemm_rows(args.models[0], args.rows, dtype, configs, t0 + args.time_limit)
     gemm += rows
     _speedups(gemm)
     print(f"`{json.dumps(environment())}`\n")

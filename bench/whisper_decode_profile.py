@@ -1,6 +1,7 @@
 """Per-kernel GPU time of one Whisper decode step on the kernel path (random weights, FP16).
 
     python3 bench/whisper_decode_profile.py [--preset large-v3] [--batches 1 16] [--pos 40]
+        [--skinny auto|on|off]
 
 For each batch: one eager ``net.step`` under torch.profiler (kernels, calls, microseconds), then
 the same step captured in a CUDA graph and replayed (median of CUDA-event timings): the gap
@@ -50,8 +51,13 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     p.add_argument("--pos", type=int, default=40, help="cache position of the step")
     p.add_argument("--top", type=int, default=14)
+    p.add_argument(
+        "--skinny", choices=["auto", "on", "off"], default="auto",
+        help="TextDecoder.skinny_step: the default by row count, or forced on/off",
+    )  # fmt: skip
     args = p.parse_args()
     net = build_speechrt(preset(args.preset), torch.float16, "cuda", 0)
+    net.decoder.skinny_step = {"auto": None, "on": True, "off": False}[args.skinny]
     for b in args.batches:
         profile_step(net, b, args.pos, args.top)
 

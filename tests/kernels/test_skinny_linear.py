@@ -20,14 +20,22 @@ from speechrt.kernels.skinny_linear import (
     SkinnyConfig,
     skinny_linear,
     skinny_linear_ref,
+    split_config,
 )
+from speechrt.kernels.skinny_split import fold_layer_norm
 
 K, N = 77, 45  # K: not a multiple of any K tile; N: odd
 SUM_CFG = SkinnyConfig(False, 4, 8, 32, 4, 1)  # 3 K steps, 6 column blocks, rows in blocks of 4
 DOT_CFG = SkinnyConfig(True, 16, 16, 32, 4, 1)
 ROW_CFG = SkinnyConfig(False, 2, 8, 0, 4, 1)  # whole-row kernel, rows in blocks of 2
 WALK_CFG = SkinnyConfig(False, 1, 4, 0, 4, 1, 2)  # whole-row, 2 programs walk 12 blocks, 1 row
-CONFIG_IDS = {None: "default", SUM_CFG: "sum", DOT_CFG: "dot", ROW_CFG: "row", WALK_CFG: "walk"}
+SPLIT_CFG = split_config(16, 32)  # split-K: 3 chunks of K, 3 column blocks, last chunk combines
+CHUNK_CFG = split_config(16, 128)  # split-K kernel with one chunk: no combine
+CONFIG_IDS = {
+    None: "default", SUM_CFG: "sum", DOT_CFG: "dot", ROW_CFG: "row", WALK_CFG: "walk",
+    SPLIT_CFG: "split", CHUNK_CFG: "chunk",
+}  # fmt: skip
+ALL_CFGS = [None, SUM_CFG, DOT_CFG, ROW_CFG, WALK_CFG, SPLIT_CFG, CHUNK_CFG]
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 
 
@@ -47,7 +55,7 @@ def _stream(m, k, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG, WALK_CFG], ids=CONFIG_IDS.get)
+@pytest.mark.parametrize("config", ALL_CFGS, ids=CONFIG_IDS.get)
 @pytest.mark.parametrize("m", [1, 3, 16, 20])
 def test_ln_prologue_bias_gelu(m, config, dtype, device, check_output):
     """hid = GELU(LN(x) @ W^T + b) from the float32 stream, out in the weight dtype."""
@@ -62,7 +70,7 @@ def test_ln_prologue_bias_gelu(m, config, dtype, device, check_output):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG, WALK_CFG], ids=CONFIG_IDS.get)
+@pytest.mark.parametrize("config", ALL_CFGS, ids=CONFIG_IDS.get)
 @pytest.mark.parametrize("m", [1, 3, 16, 20])
 def test_residual_epilogue(m, config, dtype, device, check_output):
     """x += z @ W^T + b in place on the float32 stream (z in the weight dtype)."""
@@ -78,7 +86,7 @@ def test_residual_epilogue(m, config, dtype, device, check_output):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("config", [None, SUM_CFG, DOT_CFG, ROW_CFG, WALK_CFG], ids=CONFIG_IDS.get)
+@pytest.mark.parametrize("config", ALL_CFGS, ids=CONFIG_IDS.get)
 def test_logits_float32_out_no_bias(config, dtype, device, check_output):
     """logits = LN_final(x) @ E^T, float32 out, no bias, (B, 1, D) input."""
     x = _stream(3, K, device).view(3, 1, K)
@@ -135,17 +143,89 @@ def test_default_configs_are_valid(monkeypatch):
     for m in (1, 2, 4, 8, 16, 64):
         for n, k in ((1280, 1280), (3840, 1280), (5120, 1280), (1280, 5120), (51866, 1280)):
             cfg = sl.default_config(m, n, k, torch.device("cpu"))
-            assert cfg.use_dot == (m > 4)
+            assert cfg.use_dot == (m > 4) and not cfg.split
             if cfg.use_dot:
                 assert cfg.block_n in (16, 32, 64) and 16 <= cfg.block_k <= 512
             else:
                 assert cfg.block_k == 0 and cfg.block_m == sl.MAX_ROW_ROWS
                 assert cfg.block_n * sl.next_power_of_2(k) <= sl.MAX_ROW_TILE
                 assert cfg.block_n == 1 or sl.cdiv(n, cfg.block_n) >= 4 * 132
+    monkeypatch.setattr(sl, "MANY_ROWS", "split")
+    for m in (8, 16, 64):
+        for n, k in ((1280, 1280), (3840, 1280), (5120, 1280), (1280, 5120), (51866, 1280)):
+            cfg = sl.default_config(m, n, k, torch.device("cpu"))
+            assert cfg.split and cfg.block_n in (16, 32, 64) and cfg.block_k in (256, 512)
+            programs = sl.cdiv(n, cfg.block_n) * sl.cdiv(k, cfg.block_k)
+            assert cfg.block_n == 16 or programs >= 2 * 132  # >= 2 programs per SM
+    monkeypatch.setattr(sl, "MANY_ROWS", "dot")
     k_long = 2 * sl.MAX_ROW_TILE  # too long for one tile: the tl.dot kernel
     assert sl.default_config(1, 64, k_long, torch.device("cpu")).use_dot
     assert all(not c.use_dot or c.block_n >= 16 for c in CONFIGS)
     assert all(c.block_k or not c.use_dot for c in CONFIGS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [SUM_CFG, DOT_CFG], ids=CONFIG_IDS.get)
+@pytest.mark.parametrize("m", [3, 20])
+def test_k_loop_folds_layer_norm(m, config, dtype, device, check_output):
+    """Given ln_fold, the K-loop kernel folds the LayerNorm through the GEMM (statistics from
+    the loop's own loads) instead of a statistics pre-pass: same result within the dtype's
+    rounding, from the float32 stream with a large mean."""
+    x = _stream(m, K, device)
+    w, b = _weights(N, K, device, dtype)
+    ln = _ln(K, device)
+    fold = fold_layer_norm(w, b, ln[0], ln[1])
+    y = skinny_linear(x, w, b, ln=ln, activation="gelu", config=config, ln_fold=fold)
+    gold = skinny_linear_ref(x, w, b, ln=ln, activation="gelu", upcast=True)
+    torch_y = skinny_linear_ref(x, w, b, ln=ln, activation="gelu")
+    check_output(y, gold, torch_y, dtype)
+
+
+@pytest.mark.parametrize("m", [2, 16, 33])
+def test_split_counters_left_zeroed_and_reused(m, device):
+    """One caller-owned counter workspace serves several split-K launches in a row (different
+    shapes), the LayerNorm fold given precomputed, and is zero after each; the wide config's
+    combining program sums its 5 chunks' partials 2 at a time."""
+    counters = torch.zeros(64, dtype=torch.int32, device=device)
+    x = _stream(m, K, device)
+    ln = _ln(K, device)
+    for n, cfg in ((N, SPLIT_CFG), (20, SPLIT_CFG), (N, split_config(256, 16))):
+        w, b = _weights(n, K, device, torch.float32)
+        fold = fold_layer_norm(w, b, ln[0], ln[1])
+        y = skinny_linear(x, w, b, ln=ln, config=cfg, ln_fold=fold, counters=counters)
+        gold = skinny_linear_ref(x, w, b, ln=ln, upcast=True)
+        torch.testing.assert_close(y, gold, atol=2e-5, rtol=2e-5)
+        assert counters.count_nonzero() == 0
+    with pytest.raises(ValueError, match="counters"):
+        skinny_linear(x, w, b, ln=ln, config=SPLIT_CFG, counters=counters[:1])
+    with pytest.raises(ValueError, match="counters"):
+        skinny_linear(x, w, b, ln=ln, config=SPLIT_CFG, counters=counters.long())
+
+
+def test_fold_layer_norm_formula(device):
+    """LN(x) @ W^T + b == rstd * ((x * g) @ W^T - mean * c) + d, in float64."""
+    x = _stream(3, K, device).double()
+    w, b = _weights(N, K, device, torch.float64)
+    g, beta, eps = (t.double() if torch.is_tensor(t) else t for t in _ln(K, device))
+    c, d = fold_layer_norm(w, b, g, beta)
+    assert c.dtype == d.dtype == torch.float32 and c.shape == d.shape == (N,)
+    mean = x.mean(dim=1, keepdim=True)
+    rstd = 1 / torch.sqrt(x.var(dim=1, unbiased=False, keepdim=True) + eps)
+    folded = rstd * ((x * g) @ w.T - mean * c.double()) + d.double()
+    gold = torch.nn.functional.layer_norm(x, (K,), g, beta, eps) @ w.T + b
+    torch.testing.assert_close(folded, gold, atol=1e-5, rtol=1e-5)
+    c0, d0 = fold_layer_norm(w, None, None, None)
+    torch.testing.assert_close(c0.double(), w.sum(dim=1), atol=1e-5, rtol=1e-5)
+    assert d0.count_nonzero() == 0
+
+
+def test_split_rejects_int8_weights(device):
+    x = _stream(5, K, device)
+    w, _ = _weights(N, K, device, torch.float16)
+    q, scale = quantize_rows(w)
+    with pytest.raises(UnsupportedOptionError, match="split-K"):
+        skinny_linear(x, q, torch.zeros(N, device=device).half(), ln=_ln(K, device),
+                      weight_scale=scale, config=SPLIT_CFG)  # fmt: skip
 
 
 def test_whole_row_rejects_oversized_tiles(device):
@@ -250,6 +330,30 @@ def test_cuda_graph_replay(device):
     torch.cuda.synchronize()
     gold = skinny_linear_ref(x, w, b, ln=ln, upcast=True)
     torch.testing.assert_close(y.float(), gold.float(), atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_split_cuda_graph_replays_with_its_counters(m, device):
+    """A captured split-K call (shared counters, LayerNorm fold) replays with new inputs, twice,
+    and leaves its counters zeroed."""
+    w, b = _weights(5120, 1280, device, torch.float16)
+    ln = _ln(1280, device)
+    fold = fold_layer_norm(w, b, ln[0], ln[1])
+    counters = torch.zeros(4096, dtype=torch.int32, device=device)
+    x = _stream(m, 1280, device)
+    kwargs = {"ln": ln, "activation": "gelu", "ln_fold": fold, "counters": counters}
+    skinny_linear(x, w, b, config=split_config(32, 256), **kwargs)  # compile outside
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = skinny_linear(x, w, b, config=split_config(32, 256), **kwargs)
+    for _ in range(2):
+        x.copy_(_stream(m, 1280, device))
+        graph.replay()
+        torch.cuda.synchronize()
+        gold = skinny_linear_ref(x, w, b, ln=ln, activation="gelu", upcast=True)
+        torch.testing.assert_close(y.float(), gold.float(), atol=4e-3, rtol=4e-3)
+        assert counters.count_nonzero() == 0
 
 
 # ------------------------------------------------------------------------------ int8 weights

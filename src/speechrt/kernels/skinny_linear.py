@@ -56,6 +56,7 @@ from speechrt.kernels._utils import (
     out_or_empty,
     sm_count,
 )
+from speechrt.kernels.skinny_split import launch_split
 
 try:  # Triton is optional: the reference works without it, the launcher needs it.
     import triton
@@ -77,6 +78,11 @@ MAX_ROW_ROWS = 4  # rows the whole-row kernel takes (each reuses the weight tile
 # Default programs per SM of the whole-row kernel (0: one program per column block); a module
 # attribute so that benchmarks can compare both in one process.
 DEFAULT_PERSIST = 0
+# Steps of more than MAX_ROW_ROWS rows (or from MANY_ROWS_FROM rows, to compare at fewer) take
+# MANY_ROWS: "dot" (K loop on tensor cores, rows padded to 16) or "split" (split-K,
+# kernels.skinny_split); module attributes for the same reason.
+MANY_ROWS = "dot"
+MANY_ROWS_FROM = MAX_ROW_ROWS + 1
 
 # Epilogue activations (codes of speechrt.kernels._activations.activate).
 ACTIVATIONS = {"identity": 0, "gelu": 3}
@@ -94,7 +100,10 @@ class SkinnyConfig:
     program; block_k: K elements per loop step, or 0 (not with ``use_dot``): the whole-row
     kernel, one tile over all of K (at most :data:`MAX_ROW_TILE` weight elements per program);
     persist (whole-row kernel): 0, one program per column block, or P > 0, at most P programs
-    per SM, each walking several column blocks with the next block's weights in flight.
+    per SM, each walking several column blocks with the next block's weights in flight;
+    split: the split-K tensor-core kernel (:mod:`speechrt.kernels.skinny_split`): one program
+    per (``block_n`` columns, ``block_k`` chunk of K, 16 rows); use_dot, block_m, num_stages
+    and persist are then unused. See :func:`split_config`.
     """
 
     use_dot: bool
@@ -104,8 +113,11 @@ class SkinnyConfig:
     num_warps: int
     num_stages: int
     persist: int = 0
+    split: bool = False
 
     def __str__(self) -> str:
+        if self.split:
+            return f"split_n{self.block_n}k{self.block_k}w{self.num_warps}"
         kind = "dot" if self.use_dot else "sum"
         k = self.block_k or "all"
         tiles = f"m{self.block_m}n{self.block_n}k{k}"
@@ -132,7 +144,25 @@ CONFIGS: tuple[SkinnyConfig, ...] = (
     SkinnyConfig(True, 16, 32, 128, 4, 3),
     SkinnyConfig(True, 16, 64, 128, 4, 3),
     SkinnyConfig(True, 16, 32, 256, 8, 3),
+    *(
+        SkinnyConfig(True, 16, bn, bk, 4, stages)
+        for bn in (16, 32)
+        for bk in (128, 256)
+        for stages in (4, 6)
+    ),
+    *(
+        SkinnyConfig(True, 16, bn, bk, w, 1, split=True)
+        for bn in (16, 32, 64)
+        for bk in (128, 256, 512)
+        for w in (4, 8)
+        if bn * bk <= 16384
+    ),
 )
+
+
+def split_config(block_n: int, block_k: int, num_warps: int = 4) -> SkinnyConfig:
+    """A split-K configuration (see :class:`SkinnyConfig`)."""
+    return SkinnyConfig(True, 16, block_n, block_k, num_warps, 1, split=True)
 
 
 # fmt: off
@@ -172,7 +202,12 @@ def _skinny_linear_kernel(
     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
+    FOLD_C,  # (N,) float32 c of the LayerNorm fold (FOLD; BIAS is then its d)
+    FOLD: tl.constexpr,  # HAS_LN through the fold (skinny_split): no statistics pre-pass
 ):
+    """With FOLD, the LayerNorm's statistics accumulate in the K loop from the same loads
+    (shifted by the row's first element) and apply in the epilogue, as in
+    :mod:`speechrt.kernels.skinny_split`."""
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -182,14 +217,27 @@ def _skinny_linear_kernel(
     col_ok = cols < N
     x_rows = X + rows.to(tl.int64)[:, None] * stride_xm  # (BLOCK_M, 1)
     w_rows = W + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
-    if HAS_LN:
+    s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s2 = s1
+    shift = s1
+    if FOLD:
+        shift = tl.load(X + rows.to(tl.int64) * stride_xm, mask=row_ok, other=0.0).to(tl.float32)
+    elif HAS_LN:
         mean, rstd = _row_stats(x_rows, row_ok, K, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if HAS_LN:  # normalise in float32, round to the weight dtype (masked K: w is 0)
+        if FOLD:  # shifted sums, and x * g rounded to the weight dtype
+            xf = a.to(tl.float32)
+            xc = tl.where(row_ok[:, None] & k_ok[None, :], xf - shift[:, None], 0.0)
+            s1 += tl.sum(xc, axis=1)
+            s2 += tl.sum(xc * xc, axis=1)
+            if HAS_LN_W:
+                xf *= tl.load(LN_W + ks, mask=k_ok, other=0.0)[None, :]
+            a = xf.to(W.dtype.element_ty)
+        elif HAS_LN:  # normalise in float32, round to the weight dtype (masked K: w is 0)
             a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
             if HAS_LN_W:
                 a *= tl.load(LN_W + ks, mask=k_ok, other=0.0)[None, :]
@@ -204,6 +252,11 @@ def _skinny_linear_kernel(
         else:  # (BLOCK_M, 1, BLOCK_K) * (1, BLOCK_N, BLOCK_K) summed over K
             prod = a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             acc += tl.sum(prod, axis=2)
+    if FOLD:
+        m1 = s1 / K
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - m1 * m1, 0.0) + eps)
+        c = tl.load(FOLD_C + cols, mask=col_ok, other=0.0)
+        acc = rstd[:, None] * (acc - (shift + m1)[:, None] * c[None, :])
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc = activate(acc, ACT)
@@ -351,9 +404,10 @@ def default_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig
     Up to 4 rows: the whole-row kernel with about 16K weight elements per program (BLOCK_N =
     16384 / next_pow2(K), 1..64), narrowed until there are four programs per SM, and 8 warps
     for tiles of at most 4K elements (the H200 sweep's best at Whisper shapes); more rows (or
-    K too long for one tile): ``tl.dot`` with the rows padded to 16 and the widest BLOCK_N that
-    still gives one program per SM. bench/skinny_micro.py measures it against every entry of
-    :data:`CONFIGS` on the GPU.
+    K too long for one tile): :data:`MANY_ROWS`, the K loop on tensor cores (rows padded to 16,
+    the widest BLOCK_N that still gives one program per SM) or the split-K kernel (chunks of
+    256, 512 for K > 2048, two programs per SM). bench/skinny_micro.py measures it against
+    every entry of :data:`CONFIGS` on the GPU.
     """
     if interpreting():  # few, large programs: the interpreter's cost is per program and op
         bk = max(16, min(128, next_power_of_2(k)))
@@ -362,16 +416,21 @@ def default_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig
         if m <= MAX_ROW_ROWS and next_power_of_2(k) <= MAX_ROW_TILE // 16:
             bn = max(16, min(next_power_of_2(n), MAX_ROW_TILE // next_power_of_2(k)))
             return SkinnyConfig(False, MAX_ROW_ROWS, bn, 0, 4, 1)
+        if m > 1 and MANY_ROWS == "split":
+            return split_config(bn, bk)
         return SkinnyConfig(m > 1, bm, bn, bk, 4, 1)
     sms = sm_count(device) if device.type == "cuda" else 132
     k_pad = next_power_of_2(k)
-    if m <= MAX_ROW_ROWS and k_pad <= MAX_ROW_TILE:
+    if m <= MAX_ROW_ROWS and m < MANY_ROWS_FROM and k_pad <= MAX_ROW_TILE:
         bn = max(1, min(64, 16384 // k_pad))
         if DEFAULT_PERSIST:
             return SkinnyConfig(False, MAX_ROW_ROWS, bn, 0, 4, 1, DEFAULT_PERSIST)
         while bn > 1 and cdiv(n, bn) < 4 * sms:
             bn //= 2
         return SkinnyConfig(False, MAX_ROW_ROWS, bn, 0, 8 if bn * k_pad <= 4096 else 4, 1)
+    if MANY_ROWS == "split":
+        bk = 256 if k <= 2048 else 512
+        return split_config(_fill_columns(n, (64, 32, 16), 2 * sms // cdiv(k, bk)), bk)
     bn = _fill_columns(n, (64, 32, 16), sms)
     return SkinnyConfig(True, 16, bn, 256 if bn <= 32 else 128, 4, 3)
 
@@ -441,6 +500,8 @@ def skinny_linear(
     out_dtype: torch.dtype | None = None,
     weight_scale: torch.Tensor | None = None,
     config: SkinnyConfig | None = None,
+    ln_fold: tuple[torch.Tensor, torch.Tensor] | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(LN(x) @ weight^T + bias)``, stored or added to ``residual`` in place.
 
@@ -460,6 +521,14 @@ def skinny_linear(
         out: optional contiguous (..., N) output of ``out_dtype`` (not with residual).
         out_dtype: dtype of the output (default weight's; e.g. float32 logits).
         config: launch configuration (benchmarks sweep :data:`CONFIGS`); None picks one.
+        ln_fold: with ``ln``: ``skinny_split.fold_layer_norm(weight, bias, ln_weight,
+            ln_bias)``, computed once per weight by the caller. The split-K kernel needs it
+            (else it computes it on every call: one extra float32 GEMV); the K-loop kernel
+            then folds the LayerNorm through the GEMM instead of a statistics pre-pass; the
+            whole-row kernel ignores it.
+        counters: for the split-K kernel: a zeroed int32 workspace of at least
+            cdiv(N, block_n) * cdiv(M, 16) elements, left zeroed (None: a fresh zeroed one per
+            call, one more launch); launches that share it must not overlap.
     Returns:
         (..., N): residual, or y in ``out_dtype``.
     """
@@ -511,6 +580,14 @@ def skinny_linear(
         "HAS_LN_B": ln_b is not None, "HAS_RESIDUAL": residual is not None,
         "ACT": ACTIVATIONS[activation],
     }  # fmt: skip
+    if cfg.split:
+        if act_dtype is not None:
+            raise UnsupportedOptionError(f"int8 weights have no split-K kernel ({cfg})")
+        ln_args = (ln_w, ln_b, eps) if ln is not None else None
+        launch_split(x2d, weight, bias, ln_args, ln_fold, y2d, residual is not None,
+                     ACTIVATIONS[activation], cfg.block_n, cfg.block_k, cfg.num_warps,
+                     counters)  # fmt: skip
+        return y
     if cfg.block_k == 0:
         rnd = {None: 0, torch.float16: 1, torch.bfloat16: 2}[act_dtype]
         scale = weight_scale if weight_scale is not None else weight
@@ -523,9 +600,14 @@ def skinny_linear(
     block_m = min(cfg.block_m, next_power_of_2(m))
     block_m = max(16, block_m) if cfg.use_dot else block_m
     grid = (cdiv(n, cfg.block_n), cdiv(m, block_m))
+    fold = ln is not None and ln_fold is not None
+    if fold:  # the fold's d replaces the bias (it includes it)
+        args = (x2d, weight, ln_fold[1], *args[3:])
+        flags["HAS_BIAS"] = True
     _skinny_linear_kernel[grid](
         *args, **flags, USE_DOT=cfg.use_dot, **dot_precision(weight.dtype),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pdl_kwargs(x.device),
+        FOLD_C=ln_fold[0] if fold else weight, FOLD=fold,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

@@ -50,13 +50,18 @@ def _decode(net: WhisperNet, feats: torch.Tensor, tokens: torch.Tensor, starts: 
 
 
 @pytest.mark.parametrize(
-    "rows, n_audio, ragged",
-    [(1, 1, False), (3, 1, False), (4, 2, True)],
-    ids=["B1", "B3-one-audio", "B4-two-audios-ragged"],
-)
-def test_skinny_step_matches_torch_path(rows, n_audio, ragged):
+    "rows, n_audio, ragged, many_rows",
+    [(1, 1, False, "dot"), (3, 1, False, "dot"), (4, 2, True, "dot"), (6, 3, True, "dot"),
+     (6, 3, True, "split")],
+    ids=["B1", "B3-one-audio", "B4-two-audios-ragged", "B6-ragged-K-loop", "B6-ragged-split-K"],
+)  # fmt: skip
+def test_skinny_step_matches_torch_path(rows, n_audio, ragged, many_rows, monkeypatch):
     """Same logits (FP32 tolerance) and cache entries as the torch path, several steps; rows
-    grouped by audio (beams) read one cross-attention K/V."""
+    grouped by audio (beams) read one cross-attention K/V; more than 4 rows take the
+    tensor-core GEMMs with the LayerNorm folded (K loop, or split-K with its counters)."""
+    from speechrt.kernels import skinny_linear
+
+    monkeypatch.setattr(skinny_linear, "MANY_ROWS", many_rows)
     torch.manual_seed(0)
     feats = torch.randn(n_audio, DIMS.n_audio_ctx, DIMS.n_text_state)
     tokens = torch.randint(0, DIMS.n_vocab, (rows, 7))
@@ -70,11 +75,15 @@ def test_skinny_step_matches_torch_path(rows, n_audio, ragged):
             net.kernels = kernels
             net.decoder.skinny_step = skinny
             outs.append(_decode(net, feats, tokens, starts))
+            if skinny:
+                counters = net.decoder._split_counters
     (ref_logits, ref_k), (logits, k), (old_logits, _) = outs
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(k, ref_k, atol=1e-5, rtol=1e-5)
     # the previous kernel-path step agrees too (the benchmarks' baseline)
     torch.testing.assert_close(logits, old_logits, atol=1e-4, rtol=1e-4)
+    if rows > 4 and many_rows == "split":  # the split-K GEMMs left their counters zeroed
+        assert counters is not None and counters.count_nonzero() == 0
 
 
 def _int8_representable(net: WhisperNet) -> WhisperNet:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechrt.errors import AudioError, UnsupportedOptionError
-from speechrt.kernels._utils import triton_importable
+from speechrt.kernels._utils import cdiv, triton_importable
 from speechrt.models.whisper.config import WhisperDims
 from speechrt.models.whisper.stacked import PersistentStep
 
@@ -75,6 +75,30 @@ def quantize_int8(weight: Tensor, bias: Tensor | None) -> dict[str, Tensor]:
 def _ln(norm: LayerNorm) -> tuple[Tensor, Tensor, float]:
     """(weight, bias, eps) of a LayerNorm, for a ``skinny_linear`` prologue."""
     return norm.weight, norm.bias, norm.eps
+
+
+def _folded(
+    cache: dict[str, tuple[tuple, tuple[Tensor, Tensor]]],
+    name: str,
+    weight: Tensor,
+    bias: Tensor | None,
+    norm: LayerNorm,
+) -> tuple[Tensor, Tensor]:
+    """``skinny_split.fold_layer_norm`` of (weight, bias, norm), kept in ``cache[name]`` until
+    one of the four tensors is replaced or written (its data pointer or version changes; an
+    inference tensor has no version: created in inference mode, it is not written after)."""
+    from speechrt.kernels.skinny_split import fold_layer_norm
+
+    def ident(t: Tensor | None) -> tuple | None:
+        if t is None:
+            return None
+        return t.data_ptr(), t.dtype, 0 if t.is_inference() else t._version
+
+    key = tuple(ident(t) for t in (weight, bias, norm.weight, norm.bias))
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, fold_layer_norm(weight, bias, norm.weight, norm.bias))
+    return hit[1]
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
@@ -299,6 +323,7 @@ class DecoderLayer(nn.Module):
         self.cross_cache: KVCache | None = None
         self.n_audio = 0
         self.int8: dict[str, dict[str, Tensor]] | None = None  # quantize_step_int8
+        self._folds: dict[str, tuple[tuple, tuple[Tensor, Tensor]]] = {}  # _fold
 
     def forward(self, x: Tensor, p: _Pass) -> Tensor:  # (B, T, D)
         x = x + self._self_attend(self.self_attn_norm(x), p)
@@ -313,30 +338,48 @@ class DecoderLayer(nn.Module):
         x, h = _add_norm_fused(self._cross_attend(h, p), x, self.ffn_norm)
         return _add_norm_fused(self.ffn(h), x, next_norm)
 
-    def step_fused(self, x: Tensor, p: _Pass) -> None:
+    def step_fused(
+        self, x: Tensor, p: _Pass, fold: bool = False, counters: Tensor | None = None
+    ) -> None:
         """Kernel-path step, 8 launches: FP32 residual x (B, 1, D) updated in place.
 
         Each LayerNorm runs in the prologue of the GEMM that reads it, each residual add in the
         epilogue of the GEMM that produces it (``kernels.skinny_linear``); the self-attention
-        kernel writes the new k/v at ``positions`` and reads ``lengths`` cache entries."""
+        kernel writes the new k/v at ``positions`` and reads ``lengths`` cache entries.
+        ``fold``: the GEMMs take a tensor-core kernel (many rows) that folds each LayerNorm
+        through the GEMM (the folds are cached here); ``counters``: the split-K kernel's
+        zeroed workspace when it is that kernel (:meth:`TextDecoder.split_counters`)."""
         from speechrt.kernels.decode_attention import decode_attention
         from speechrt.kernels.skinny_linear import skinny_linear
 
         a, c = self.self_attn, self.cross_attn
         b, _, d = x.shape
         w = self._step_weights()
+        split = {} if counters is None else {"counters": counters}
+        ln = {}  # LayerNorm prologue keywords per GEMM (with the split-K kernel's fold)
+        for name, norm in (
+            ("qkv", self.self_attn_norm), ("cross_wq", self.cross_attn_norm), ("fc1", self.ffn_norm)
+        ):  # fmt: skip
+            ln[name] = {"ln": _ln(norm)}
+            if fold:
+                ln[name]["ln_fold"] = self._fold(name, norm)
         rows = x.view(b, d)  # (B, D) FP32 residual stream
-        qkv = skinny_linear(rows, **w["qkv"], ln=_ln(self.self_attn_norm))  # (B, 3D)
+        qkv = skinny_linear(rows, **w["qkv"], **ln["qkv"], **split)  # (B, 3D)
         q, k, v = (t.view(b, a.n_head, -1) for t in qkv.split(d, dim=-1))  # (B, H, Dh) each
         ck, cv = self.cache.k[:b], self.cache.v[:b]  # (B, H, L, Dh)
         out = decode_attention(q, ck, cv, p.lengths, k_new=k, v_new=v, num_splits=1)
-        skinny_linear(out.view(b, d), **w["wo"], residual=rows)
-        q = skinny_linear(rows, **w["cross_wq"], ln=_ln(self.cross_attn_norm))
+        skinny_linear(out.view(b, d), **w["wo"], residual=rows, **split)
+        q = skinny_linear(rows, **w["cross_wq"], **ln["cross_wq"], **split)
         n = p.n_audio or self.n_audio
         out = self._cross_attend_step(q.view(b, c.n_head, -1), n)
-        skinny_linear(out.view(b, d), **w["cross_wo"], residual=rows)
-        hid = skinny_linear(rows, **w["fc1"], ln=_ln(self.ffn_norm), activation="gelu")  # (B, 4D)
-        skinny_linear(hid, **w["fc2"], residual=rows)
+        skinny_linear(out.view(b, d), **w["cross_wo"], residual=rows, **split)
+        hid = skinny_linear(rows, **w["fc1"], **ln["fc1"], activation="gelu", **split)  # (B, 4D)
+        skinny_linear(hid, **w["fc2"], residual=rows, **split)
+
+    def _fold(self, name: str, norm: LayerNorm) -> tuple[Tensor, Tensor]:
+        """The LayerNorm fold of step GEMM ``name`` (float weights), cached on the layer."""
+        kw = self._step_weights()[name]
+        return _folded(self._folds, name, kw["weight"], kw["bias"], norm)
 
     def _step_weights(self) -> dict[str, dict[str, Tensor]]:
         """``skinny_linear`` weight keywords per step GEMM: the int8 copies when quantised."""
@@ -473,6 +516,8 @@ class TextDecoder(nn.Module):
         # per-layer views are the layers' caches (set by WhisperNet.setup_caches)
         self.stacked_caches: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.int8_logits: dict[str, Tensor] | None = None  # quantize_step_int8
+        self._split_counters: Tensor | None = None  # split_counters
+        self._folds: dict[str, tuple[tuple, tuple[Tensor, Tensor]]] = {}  # the logits' fold
 
     def run(self, x: Tensor, p: _Pass, at: Tensor | None = None) -> Tensor:
         """Embedded tokens (B, T, D) -> logits (B, T, V) in FP32, or (B, K, V) of the
@@ -516,17 +561,47 @@ class TextDecoder(nn.Module):
         """Kernel-path step: embedded tokens (B, 1, D) -> logits (B, 1, V) FP32; the residual
         stream is the only state between layers, the final LayerNorm is the logits' prologue."""
         x = x.float().contiguous()  # (B, 1, D) FP32 residual, updated in place
-        for layer in self.layers:
-            layer.step_fused(x, p)
-        return self.stream_logits(x, self.int8_logits)
+        from speechrt.kernels.skinny_linear import default_config
 
-    def stream_logits(self, x: Tensor, weights: dict[str, Tensor] | None = None) -> Tensor:
+        rows, d = x.shape[0], x.shape[-1]
+        cfg = default_config(rows, d, d, x.device)  # the kernel kind of this step's GEMMs
+        counters = self.split_counters(rows, x.device) if cfg.split else None
+        for layer in self.layers:
+            layer.step_fused(x, p, cfg.use_dot, counters)
+        return self.stream_logits(x, self.int8_logits, cfg.use_dot, counters)
+
+    def split_counters(self, rows: int, device: torch.device) -> Tensor:
+        """The zeroed int32 workspace that every split-K GEMM of a ``rows``-row skinny step
+        shares (they run one after another on one stream); allocated on first use (an eager
+        call before any graph capture)."""
+        d = self.pos_emb.shape[1]
+        need = cdiv(rows, 16) * cdiv(max(self.tok_emb.weight.shape[0], 4 * d), 16)
+        have = self._split_counters
+        if have is None or have.numel() < need or have.device != device:
+            self._split_counters = torch.zeros(need, dtype=torch.int32, device=device)
+        return self._split_counters
+
+    def stream_logits(
+        self,
+        x: Tensor,
+        weights: dict[str, Tensor] | None = None,
+        fold: bool = False,
+        counters: Tensor | None = None,
+    ) -> Tensor:
         """Final LayerNorm + tied output projection of the FP32 residual stream x (..., D) in
-        one skinny GEMV -> logits (..., V) FP32; ``weights``: int8 keywords, else tok_emb."""
+        one skinny GEMV -> logits (..., V) FP32; ``weights``: int8 keywords, else tok_emb;
+        ``fold``, ``counters``: as in :meth:`DecoderLayer.step_fused`."""
         from speechrt.kernels.skinny_linear import skinny_linear
 
-        weights = weights or {"weight": self.tok_emb.weight}
-        return skinny_linear(x, **weights, ln=_ln(self.norm), out_dtype=torch.float32)
+        extra = {}
+        if weights is None:
+            weights = {"weight": self.tok_emb.weight}
+            if fold:
+                extra["ln_fold"] = _folded(self._folds, "logits", self.tok_emb.weight, None,
+                                           self.norm)  # fmt: skip
+            if counters is not None:
+                extra["counters"] = counters
+        return skinny_linear(x, **weights, ln=_ln(self.norm), out_dtype=torch.float32, **extra)
 
     def quantize_step_int8(self) -> None:
         """Int8 weight-only copies of every GEMM of a skinny step (each layer's six and the

@@ -32,7 +32,8 @@ Hopper; ``fused_skinny_nopdl`` without it; ``fused_skinny_pP`` with P persistent
 per SM, ``skinny_linear.DEFAULT_PERSIST``; ``fused_skinny_combine2``: cross-attention's split
 partials combined by a second kernel, ``DecoderLayer.combine_in_kernel`` off;
 ``fused_skinny_int8``: int8 weight-only copies of the step GEMMs,
-``TextDecoder.quantize_step_int8``, up to 4 rows). ``gpu_ops`` = CUDA kernels (and
+``TextDecoder.quantize_step_int8``, up to 4 rows; ``fused_kvint8``: the default kernel-path step
+with int8 cross-attention K/V, ``WhisperNet.cross_kv_int8``). ``gpu_ops`` = CUDA kernels (and
 memsets/copies) of one eager step (torch profiler); ``max_err`` = max |logits - torch path logits|.
 """
 
@@ -231,6 +232,9 @@ def step_rows(
         DecoderLayer.combine_in_kernel = False  # cross-attention's combine as a second kernel
         results["fused_skinny_combine2"] = _step(net, feats.to(dtype), tokens)
         DecoderLayer.combine_in_kernel = True
+        net.kernels, net.decoder.skinny_step, net.cross_kv_int8 = True, None, True
+        results["fused_kvint8"] = _step(net, feats.to(dtype), tokens)  # caches set up int8
+        net.cross_kv_int8 = False
         if b <= 4:  # the persistent one-launch step (kernels.decoder_step)
             net.kernels, net.decoder.persistent_step = True, True
             for cfg in (None, *sweep):

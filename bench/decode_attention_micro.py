@@ -6,12 +6,13 @@ Run on a CUDA machine from the repository root::
         [--splits 0 2 4 6 8 12 16 24] [--blocks 32 64 128] [--out attn.csv]
 
 Cases (large-v3 by default: 20 heads of 64): ``cross`` (1500 audio keys, rows of distinct
-audios; ``beam5``: 5 rows on one audio, ``group`` 5) and ``self`` (a 448-entry cache read up to
-a position, writing the new key/value as a step does). Split 0 is the launcher's default
-(:func:`default_num_splits`). Times: 20 calls captured in one CUDA graph, median replay / 20;
-the calls rotate over cache copies of >= 256 MiB, so the keys come from HBM (not the 50 MiB
-L2). ``GB/s`` = key + value bytes read per call / time. ``max_err`` = max |out - the float32
-reference|.
+audios; ``beam5``: 5 rows on one audio, ``group`` 5; ``_int8``: int8 K/V with float32 scales,
+``quantize_kv``) and ``self`` (a 448-entry cache read up to a position, writing the new
+key/value as a step does). Split 0 is the launcher's default (:func:`default_num_splits`).
+Times: 20 calls captured in one CUDA graph, median replay / 20; the calls rotate over cache
+copies of >= 256 MiB, so the keys come from HBM (not the 50 MiB L2). ``GB/s`` = key + value
+bytes read per call (int8 caches: the int8 entries and their scales) / time. ``max_err`` = max
+|out - the float32 reference| (int8: on the dequantized cache).
 """
 
 from __future__ import annotations
@@ -44,10 +45,24 @@ CASES = {
     "cross_b1": (1, 1, 1500, None, False),
     "cross_b16": (16, 16, 1500, None, False),
     "cross_beam5": (5, 1, 1500, None, False),
+    "cross_b1_int8": (1, 1, 1500, None, False),
+    "cross_b16_int8": (16, 16, 1500, None, False),
     "self_b1_pos40": (1, 1, 448, 41, True),
     "self_b1_pos200": (1, 1, 448, 201, True),
     "self_b16_pos40": (16, 16, 448, 41, True),
 }
+
+
+def _caches(shape: tuple[int, ...], int8: bool) -> tuple[dict, int]:
+    """decode_attention keywords of one random fp16 (or int8 + scales) K/V cache copy, and the
+    bytes per cache position (K and V, one head)."""
+    k, v = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(2))
+    if not int8:
+        return {"k": k, "v": v}, 2 * 2 * shape[-1]
+    from speechrt.kernels.decode_attention import quantize_kv
+
+    (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+    return {"k": kq, "v": vq, "k_scale": ks, "v_scale": vs}, 2 * (shape[-1] + 4)
 
 
 def case_rows(name: str, heads: int, dim: int, splits: list[int], blocks: list[int]) -> list:
@@ -56,19 +71,19 @@ def case_rows(name: str, heads: int, dim: int, splits: list[int], blocks: list[i
     rows_n, audios, length, keys, append = CASES[name]
     dev, dtype = "cuda", torch.float16
     shape = (audios, heads, length, dim)
-    per_copy = 2 * math.prod(shape) * 2
+    first, per_pos = _caches(shape, name.endswith("_int8"))
+    per_copy = math.prod(shape[:3]) * per_pos
     copies = max(1, min(CALLS, math.ceil(ROTATE_BYTES / per_copy)))
-    caches = [(torch.randn(shape, device=dev, dtype=dtype),
-               torch.randn(shape, device=dev, dtype=dtype)) for _ in range(copies)]  # fmt: skip
+    caches = [first] + [_caches(shape, name.endswith("_int8"))[0] for _ in range(copies - 1)]
     q = torch.randn(rows_n, heads, dim, device=dev, dtype=dtype)
     lengths = torch.full((rows_n,), keys, device=dev) if keys else None
     new = (torch.randn_like(q), torch.randn_like(q)) if append else (None, None)
-    read = (keys or length) * heads * dim * 2 * 2 * audios
-    k0, v0 = caches[0]
+    read = (keys or length) * heads * per_pos * audios
+    scales = {key: first[key] for key in ("k_scale", "v_scale") if key in first}
     gold = decode_attention_ref(
-        q.float(), k0.float().clone(), v0.float().clone(), lengths,
+        q.float(), first["k"].float().clone(), first["v"].float().clone(), lengths,
         k_new=None if new[0] is None else new[0].float(),
-        v_new=None if new[1] is None else new[1].float(), group=rows_n // audios,
+        v_new=None if new[1] is None else new[1].float(), group=rows_n // audios, **scales,
     )  # fmt: skip
     out = []
     for block_n in blocks:
@@ -77,15 +92,15 @@ def case_rows(name: str, heads: int, dim: int, splits: list[int], blocks: list[i
                    "us": math.nan, "GB/s": math.nan, "max_err": math.nan, "error": ""}  # fmt: skip
             try:
 
-                def call(k, v, split=split, block_n=block_n):
+                def call(k, v, split=split, block_n=block_n, **scales):
                     return decode_attention(
                         q, k, v, lengths, k_new=new[0], v_new=new[1], group=rows_n // audios,
-                        num_splits=split or None, block_n=block_n,
+                        num_splits=split or None, block_n=block_n, **scales,
                     )  # fmt: skip
 
-                res = call(k0.clone(), v0.clone())
+                res = call(first["k"].clone(), first["v"].clone(), **scales)
                 row["max_err"] = float((res.float() - gold).abs().max())
-                calls = [lambda i=i: call(*caches[i % copies]) for i in range(CALLS)]
+                calls = [lambda i=i: call(**caches[i % copies]) for i in range(CALLS)]
                 ms = graph_ms_per_call(calls)
                 row["us"], row["GB/s"] = 1000 * ms, read / ms / 1e6
             except Exception as e:  # noqa: BLE001 - a variant that cannot launch is a row

@@ -34,8 +34,10 @@ partials combined by a second kernel, ``DecoderLayer.combine_in_kernel`` off;
 ``fused_skinny_int8``: int8 weight-only copies of the step GEMMs,
 ``TextDecoder.quantize_step_int8``, up to 4 rows; ``fused_skinny_dot`` / ``_split``: the
 GEMMs on the K-loop tensor-core kernel / the split-K kernel, ``skinny_linear.MANY_ROWS``, also
-at 1-4 rows). ``gpu_ops`` = CUDA kernels (and memsets/copies) of one eager step (torch
-profiler); ``max_err`` = max |logits - torch path logits|.
+at 1-4 rows; ``fused_kvint8``: the default kernel-path step with int8 cross-attention K/V,
+``WhisperNet.cross_kv_int8``, and ``fused_skinny_kvint8`` the same with the skinny step forced).
+``gpu_ops`` = CUDA kernels (and memsets/copies) of one eager step (torch profiler); ``max_err``
+= max |logits - torch path logits|.
 """
 
 from __future__ import annotations
@@ -249,6 +251,13 @@ def step_rows(
             skinny_linear.MANY_ROWS, skinny_linear.MANY_ROWS_FROM = kind, 1
             results[f"fused_skinny_{kind}"] = _step(net, feats.to(dtype), tokens)
         skinny_linear.MANY_ROWS, skinny_linear.MANY_ROWS_FROM = many_rows
+        net.kernels, net.decoder.skinny_step, net.cross_kv_int8 = True, None, True
+        results["fused_kvint8"] = _step(net, feats.to(dtype), tokens)  # caches set up int8
+        if b > 2:  # beyond the automatic skinny step
+            net.decoder.skinny_step = True
+            results["fused_skinny_kvint8"] = _step(net, feats.to(dtype), tokens)
+            net.decoder.skinny_step = None
+        net.cross_kv_int8 = False
         if b <= 4:  # the persistent one-launch step (kernels.decoder_step)
             net.kernels, net.decoder.persistent_step = True, True
             for cfg in (None, *sweep):

@@ -2,7 +2,9 @@
 
 Awkward shapes: head dims that are not powers of two, cache sizes that are not multiples of the
 key tile, lengths of 0 and of the full cache, groups that do not divide the batch, and forced
-split counts (one split skips the combine kernel; many splits leave some empty).
+split counts (one split skips the combine kernel; many splits leave some empty). int8 caches:
+quantize_kv against its error bound, the kernel against the reference on the same int8 values
+(tight) and against the float cache they came from (the quantisation error).
 """
 
 import pytest
@@ -13,6 +15,8 @@ from speechrt.kernels.decode_attention import (
     decode_attention,
     decode_attention_ref,
     default_num_splits,
+    dequantize_kv,
+    quantize_kv,
 )
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -156,3 +160,114 @@ def test_errors(device):
         decode_attention(q, k.double(), v.double())
     with pytest.raises(ValueError, match="lengths must be"):
         decode_attention(q, k, v, torch.ones(3, dtype=torch.long, device=device))
+
+
+# ------------------------------------------------------------------------------ int8 caches
+def _int8_cache(rows, h, length, d, device):
+    """(float k, float v) (rows, H, L, D) and their quantize_kv (int8, scale) pairs; k has a
+    row of zeros (scale 1, dequantized exactly 0)."""
+    k, v = 2 * torch.randn(2, rows, h, length, d, device=device)
+    k[0, 0, 3] = 0
+    return (k, v), quantize_kv(k), quantize_kv(v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_kv_round_trip(dtype, device):
+    x = (3 * torch.randn(2, 3, 17, 40, device=device)).to(dtype)
+    x[1, 2, 5] = 0  # a row of zeros
+    x[0, 0, 0, 7] = 1e-30 if dtype == torch.float32 else 0  # a tiny row: no overflow
+    q, scale = quantize_kv(x)
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == x.shape[:-1]
+    assert int(q.abs().max()) <= 127 and (q.abs().amax(-1) == 127).sum() == scale.numel() - 1
+    err = (dequantize_kv(q, scale) - x.float()).abs()
+    assert (err <= scale[..., None] * (0.5 + 1e-6)).all()
+    assert torch.isfinite(scale).all() and scale[1, 2, 5] > 0 and not q[1, 2, 5].any()
+    assert torch.equal(dequantize_kv(q, scale, dtype), (q.float() * scale[..., None]).to(dtype))
+    # out= into rows of bigger static buffers (the decoder's caches)
+    q_buf = torch.full((4, 3, 17, 40), 99, dtype=torch.int8, device=device)
+    s_buf = torch.full((4, 3, 17), -1.0, device=device)
+    got = quantize_kv(x, out=(q_buf[:2], s_buf[:2]))
+    assert got[0].data_ptr() == q_buf.data_ptr() and got[1].data_ptr() == s_buf.data_ptr()
+    assert torch.equal(q_buf[:2], q) and torch.equal(s_buf[:2], scale)
+    assert (q_buf[2:] == 99).all() and (s_buf[2:] == -1).all()
+    with pytest.raises(ValueError, match="out must be"):
+        quantize_kv(x, out=(q_buf[:2].float(), s_buf[:2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "b, group, splits, combine_in_kernel",
+    [(1, 1, 1, False), (4, 1, 3, True), (6, 3, 4, True), (5, 2, None, False)],
+)
+def test_int8_cache_matches_reference(b, group, splits, combine_in_kernel, dtype, device,
+                                      check_output):  # fmt: skip
+    """int8 caches + scales: the kernel against the reference on the same dequantized values,
+    all keys (the preloaded first tile) and ragged lengths, split or not, in-kernel combine or
+    the combine kernel."""
+    h, length, d = 3, 150, 40
+    q = torch.randn(b, h, d, device=device).to(dtype)
+    _, (kq, ks), (vq, vs) = _int8_cache(-(-b // group), h, length, d, device)
+    counters = torch.zeros(-(-b // group) * h, dtype=torch.int32, device=device)
+    kw = dict(group=group, k_scale=ks, v_scale=vs)
+    lengths = torch.randint(0, length + 1, (b,), device=device)
+    for lens in (None, lengths):
+        out = decode_attention(q, kq, vq, lens, num_splits=splits, block_n=32,
+                               counters=counters if combine_in_kernel else None, **kw)  # fmt: skip
+        gold = decode_attention_ref(q, kq, vq, lens, **kw)
+        check_output(out, gold, decode_attention_ref(q, kq, vq, lens, upcast=False, **kw), dtype,
+                     atol=2e-5, rtol=2e-5)  # fmt: skip
+        assert out.dtype == dtype and not counters.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int8_cache_close_to_the_float_cache(dtype, device):
+    """Against attention over the float cache the int8 one came from: within a few value
+    quantisation steps (|dv| <= v_scale / 2; the keys' error moves the weights a little),
+    far below the outputs' own size."""
+    b, h, length, d = 4, 2, 300, 64
+    q = torch.randn(b, h, d, device=device).to(dtype)
+    (k, v), (kq, ks), (vq, vs) = _int8_cache(b, h, length, d, device)
+    out = decode_attention(q, kq, vq, k_scale=ks, v_scale=vs, num_splits=2)
+    gold = decode_attention_ref(q, k, v)
+    err = float((out.float() - gold.float()).abs().max())
+    assert err < 2 * float(vs.max()) < 0.5 * float(gold.abs().max())
+
+
+def test_int8_bad_inputs(device):
+    q = torch.randn(2, 2, 16, device=device)
+    (k, v), (kq, ks), (vq, vs) = _int8_cache(2, 2, 10, 16, device)
+    with pytest.raises(ValueError, match="need k_scale and v_scale"):
+        decode_attention(q, kq, vq)
+    with pytest.raises(ValueError, match=r"k_scale must be a float32 \(2, 2, 10\)"):
+        decode_attention(q, kq, vq, k_scale=ks[:, :, :9], v_scale=vs)
+    with pytest.raises(ValueError, match="v_scale must be a float32"):
+        decode_attention(q, kq, vq, k_scale=ks, v_scale=vs.half())
+    with pytest.raises(ValueError, match="go with int8 caches"):
+        decode_attention(q, k, v, k_scale=ks, v_scale=vs)
+    with pytest.raises(UnsupportedOptionError, match="int8 k, v"):
+        decode_attention(q, kq, v, k_scale=ks, v_scale=vs)
+    lengths = torch.tensor([3, 10], device=device)
+    with pytest.raises(UnsupportedOptionError, match="append"):
+        decode_attention(q, kq, vq, lengths, k_new=q, v_new=q, k_scale=ks, v_scale=vs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 5])
+def test_int8_whisper_cross_attention_shape(dtype, group, device, check_output):
+    """Whisper large-v3 cross-attention: 16 rows, 20 heads of 64, 1500 audio keys in int8,
+    default splits and block, in-kernel combine and the combine kernel."""
+    b, h, length, d = 16, 20, 1500, 64
+    rows = -(-b // group)
+    q = torch.randn(b, h, d, device=device).to(dtype)
+    (k, v), (kq, ks), (vq, vs) = _int8_cache(rows, h, length, d, device)
+    kw = dict(group=group, k_scale=ks, v_scale=vs)
+    gold = decode_attention_ref(q, kq, vq, **kw)
+    loose = decode_attention_ref(q, kq, vq, upcast=False, **kw)
+    counters = torch.zeros(rows * h, dtype=torch.int32, device=device)
+    for c in (counters, None):
+        out = decode_attention(q, kq, vq, counters=c, **kw)
+        check_output(out, gold, loose, dtype)
+    float_cache = decode_attention_ref(q, k, v, group=group).float()
+    assert float((out.float() - float_cache).abs().max()) < 2 * float(vs.max())

@@ -16,9 +16,17 @@ Two generic options serve decoders:
   cache is read once per group;
 * ``k_new`` / ``v_new`` (append): the new key/value of row ``b`` is written into the cache at
   position ``lengths[b] - 1`` by the program that owns that position, which uses it from
-  registers (no separate scatter kernel, no read-after-write hazard).
+  registers (no separate scatter kernel, no read-after-write hazard);
+* int8 caches (``k_scale`` / ``v_scale``): symmetric int8 keys/values with a float32 scale per
+  (cache row, head, position), made by :func:`quantize_kv`, read half the bytes of a float16
+  cache (Whisper's cross-attention K/V, about half of a batch-16 large-v3 step). A key tile is
+  converted to q's dtype (exact: |k| <= 127) for the q.K dot, whose float32 scores are then
+  multiplied by the key scales; a value tile is dequantized in registers (float32 * scale ->
+  q's dtype) before the P.V dot (scaling p by the value scales instead would push small
+  probabilities into float16 subnormals).
 
-``decode_attention_ref`` is the plain-torch reference that tests and benchmarks import.
+``decode_attention_ref`` is the plain-torch reference that tests and benchmarks import;
+``dequantize_kv`` the int8 caches' dequantization that it (and model code) uses.
 """
 
 from __future__ import annotations
@@ -46,7 +54,13 @@ try:  # Triton is optional: the reference works without it, the launcher needs i
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton, tl = MISSING_TRITON, MISSING_TL
 
-__all__ = ["decode_attention", "decode_attention_ref", "default_num_splits"]
+__all__ = [
+    "decode_attention",
+    "decode_attention_ref",
+    "default_num_splits",
+    "dequantize_kv",
+    "quantize_kv",
+]
 
 PROGRAMS_PER_SM = 4  # default splits aim at this many programs per SM (H200 sweep, session 5)
 
@@ -61,15 +75,22 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale, APPEND: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale, ks, vs,
+                 APPEND: tl.constexpr, KV_INT8: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """Online-softmax update of (m_i, l_i, acc) with the key/value tile k, v (BLOCK_N, BLOCK_D)
-    at positions n; with APPEND, position pos takes the new entry kn, vn."""
+    at positions n; with APPEND, position pos takes the new entry kn, vn; with KV_INT8, k and v
+    are int8 and ks, vs (BLOCK_N,) their float32 scales."""
     if APPEND:
         k = tl.where((n == pos)[:, None], kn[None, :], k)
         v = tl.where((n == pos)[:, None], vn[None, :], v)
     zero_s = tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32)
-    s = _dot(q, tl.trans(k), zero_s, UPCAST, PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+    if KV_INT8:  # k exact in q's dtype, its scales on the scores; v dequantized in registers
+        s = _dot(q, tl.trans(k.to(q.dtype)), zero_s, UPCAST, PRECISION)  # (BLOCK_G, BLOCK_N)
+        s = s * (ks * qk_scale)[None, :]
+        v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
+    else:
+        s = _dot(q, tl.trans(k), zero_s, UPCAST, PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
     s = tl.where(n[None, :] < lens[:, None], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -82,10 +103,12 @@ def _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale, APPEND:
 
 @triton.jit
 def _decode_attention_kernel(
-    Q, K, V, KN, VN, LENS, O, LSE, FINAL, COUNT,
+    Q, K, V, KN, VN, LENS, O, LSE, FINAL, COUNT, KS, VS,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
+    stride_ksb, stride_ksh, stride_ksl,
+    stride_vsb, stride_vsh, stride_vsl,
     stride_knb, stride_knh, stride_vnb, stride_vnh,
     stride_ob, stride_oh, stride_os,
     stride_fb, stride_fh,
@@ -96,6 +119,7 @@ def _decode_attention_kernel(
     BLOCK_D: tl.constexpr,
     HAS_LENS: tl.constexpr,
     APPEND: tl.constexpr,
+    KV_INT8: tl.constexpr,
     PRELOAD: tl.constexpr,
     SPLIT: tl.constexpr,
     FUSE_COMBINE: tl.constexpr,
@@ -121,12 +145,17 @@ def _decode_attention_kernel(
     d_ok = d < D
     k_base = K + kv_row * stride_kb + h * stride_kh
     v_base = V + kv_row * stride_vb + h * stride_vh
+    ks_base = KS + kv_row * stride_ksb + h * stride_ksh  # int8 caches' scales
+    vs_base = VS + kv_row * stride_vsb + h * stride_vsh
     lo = split * chunk
     if PRELOAD:
         n = lo + tl.arange(0, BLOCK_N)
         first_mask = (n < L)[:, None] & d_ok[None, :]
         k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=first_mask, other=0.0)
         v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=first_mask, other=0.0)
+        if KV_INT8:  # the first tile's scales too
+            ks = tl.load(ks_base + n * stride_ksl, mask=n < L, other=0.0)  # (BLOCK_N,)
+            vs = tl.load(vs_base + n * stride_vsl, mask=n < L, other=0.0)
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -161,17 +190,26 @@ def _decode_attention_kernel(
     start0 = lo
     if PRELOAD:  # the preloaded first tile, entries past the length zeroed
         keep = (n < hi)[:, None]
-        m_i, l_i, acc = _attend_tile(q, tl.where(keep, k, 0.0), tl.where(keep, v, 0.0), n,
-                                     lens, m_i, l_i, acc, kn, vn, pos, qk_scale, APPEND,
-                                     UPCAST, PRECISION)
+        k, v = tl.where(keep, k, tl.zeros_like(k)), tl.where(keep, v, tl.zeros_like(v))
+        if KV_INT8:
+            ks, vs = tl.where(n < hi, ks, 0.0), tl.where(n < hi, vs, 0.0)
+        else:
+            ks, vs = qk_scale, qk_scale  # unused
+        m_i, l_i, acc = _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale,
+                                     ks, vs, APPEND, KV_INT8, UPCAST, PRECISION)
         start0 = lo + BLOCK_N
     for start in range(start0, hi, BLOCK_N):  # loads feeding tl.dot: Triton pipelines them
         n = start + tl.arange(0, BLOCK_N)
         kv_mask = (n < hi)[:, None] & d_ok[None, :]
         k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=kv_mask, other=0.0)
+        if KV_INT8:
+            ks = tl.load(ks_base + n * stride_ksl, mask=n < hi, other=0.0)  # (BLOCK_N,)
+            vs = tl.load(vs_base + n * stride_vsl, mask=n < hi, other=0.0)
+        else:
+            ks, vs = qk_scale, qk_scale  # unused
         m_i, l_i, acc = _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale,
-                                     APPEND, UPCAST, PRECISION)
+                                     ks, vs, APPEND, KV_INT8, UPCAST, PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # no visible key: output 0
     out = acc / l_safe[:, None]
@@ -255,9 +293,9 @@ def default_num_splits(programs: int, length: int, block_n: int, device: torch.d
     return max(1, min(cdiv(PROGRAMS_PER_SM * sms, max(programs, 1)), tiles))
 
 
-def _check(q, k_cache, v_cache, lengths, k_new, v_new, group) -> None:
-    tensors = [t for t in (q, k_cache, v_cache, lengths, k_new, v_new) if t is not None]
-    check_launch(_decode_attention_kernel, *tensors)
+def _check(q, k_cache, v_cache, lengths, k_new, v_new, group, k_scale, v_scale) -> None:
+    tensors = (q, k_cache, v_cache, lengths, k_new, v_new, k_scale, v_scale)
+    check_launch(_decode_attention_kernel, *[t for t in tensors if t is not None])
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
             f"q must be (B, H, D) and k_cache/v_cache (Bk, H, L, D) alike; got {tuple(q.shape)}, "
@@ -266,11 +304,13 @@ def _check(q, k_cache, v_cache, lengths, k_new, v_new, group) -> None:
     b, h, d = q.shape
     if k_cache.shape[1] != h or k_cache.shape[3] != d:
         raise ValueError(f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
-    if q.dtype not in FLOAT_DTYPES or {k_cache.dtype, v_cache.dtype} != {q.dtype}:
+    kv_dtypes = {k_cache.dtype, v_cache.dtype}
+    if q.dtype not in FLOAT_DTYPES or kv_dtypes not in ({q.dtype}, {torch.int8}):
         raise UnsupportedOptionError(
-            f"decode attention takes one of float32/float16/bfloat16 for q, k, v; got "
-            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+            f"decode attention takes one of float32/float16/bfloat16 for q, k, v (or int8 k, v "
+            f"with scales); got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
         )
+    _check_scales(k_cache, k_scale, v_scale, k_new)
     if group < 1 or cdiv(b, group) > k_cache.shape[0]:
         raise ValueError(f"{b} rows in groups of {group} need more than {k_cache.shape[0]} rows")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -288,6 +328,26 @@ def _check(q, k_cache, v_cache, lengths, k_new, v_new, group) -> None:
                 raise ValueError(f"{name} must be a {tuple(q.shape)} {q.dtype} tensor like q")
 
 
+def _check_scales(k_cache, k_scale, v_scale, k_new) -> None:
+    """int8 caches need float32 (Bk, H, L) k_scale and v_scale; float caches take none."""
+    if k_cache.dtype != torch.int8:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale/v_scale go with int8 caches, not {k_cache.dtype} ones")
+        return
+    if k_scale is None or v_scale is None:
+        raise ValueError("int8 k_cache/v_cache need k_scale and v_scale")
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t.shape != k_cache.shape[:3] or t.dtype != torch.float32:
+            raise ValueError(
+                f"{name} must be a float32 {tuple(k_cache.shape[:3])} tensor (the cache's "
+                f"(Bk, H, L)), got {t.dtype} {tuple(t.shape)}"
+            )
+    if k_new is not None:
+        raise UnsupportedOptionError(
+            "k_new/v_new (append) need float caches: int8 caches are read-only (cross-attention)"
+        )
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -302,13 +362,16 @@ def decode_attention(
     block_n: int | None = None,
     out: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per (row, head) over a key/value cache, reading ``lengths`` keys.
 
     Args:
         q: (B, H, D) queries; any strides on B and H (e.g. a slice of a fused QKV output).
-        k_cache, v_cache: (Bk, H, L, D) caches, same dtype as q; query row b reads cache row
-            ``b // group``; any strides but a unit last one.
+        k_cache, v_cache: (Bk, H, L, D) caches, same dtype as q, or both int8 (with k_scale
+            and v_scale); query row b reads cache row ``b // group``; any strides but a unit
+            last one.
         lengths: (B,) int on the device: row b attends to keys [0, lengths[b]) (clamped to
             [0, L]); None: all L keys. A row with no key outputs 0.
         k_new, v_new: optional (B, H, D): written into the caches at position lengths[b] - 1
@@ -323,10 +386,13 @@ def decode_attention(
             caller and left zeroed: with it, the last split program of each (cache row, head)
             to finish combines the partials (one launch instead of two); launches that share
             it must not run concurrently (on one stream they never do).
+        k_scale, v_scale: (Bk, H, L) float32 scales of int8 caches (any strides): key n of
+            cache row r, head h is ``k_cache[r, h, n] * k_scale[r, h, n]`` (:func:`quantize_kv`
+            makes both); None for float caches. int8 caches cannot take k_new/v_new.
     Returns:
         (B, H, D) in q's dtype (``out`` if given).
     """
-    _check(q, k_cache, v_cache, lengths, k_new, v_new, group)
+    _check(q, k_cache, v_cache, lengths, k_new, v_new, group, k_scale, v_scale)
     b, h, d = q.shape
     length = k_cache.shape[2]
     out = out_or_empty(out, (b, h, d), q.dtype, q.device)
@@ -358,12 +424,16 @@ def decode_attention(
         lse, target, o_strides = out, out, (*out.stride()[:2], 0)
     k_new = k_new if k_new is not None else q
     v_new = v_new if v_new is not None else q
+    int8 = k_scale is not None
+    k_scale = k_scale if int8 else lse  # placeholders for float caches (never read)
+    v_scale = v_scale if int8 else lse
     # fmt: off
     _decode_attention_kernel[(programs, splits)](
         q, k_cache, v_cache, k_new, v_new, lengths if lengths is not None else q, target, lse,
-        out, counters if fuse else lse,
+        out, counters if fuse else lse, k_scale, v_scale,
         q.stride(0), q.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
+        *(k_scale.stride() if int8 else (0, 0, 0)), *(v_scale.stride() if int8 else (0, 0, 0)),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         *o_strides, out.stride(0), out.stride(1),
         b, h, length, d, chunk, scale * math.log2(math.e), splits,
@@ -373,6 +443,7 @@ def decode_attention(
         BLOCK_D=block_d,
         HAS_LENS=lengths is not None,
         APPEND=k_new is not q,
+        KV_INT8=int8,
         PRELOAD=k_new is q and lengths is None,
         SPLIT=splits > 1,
         FUSE_COMBINE=fuse,
@@ -398,6 +469,54 @@ def decode_attention(
 
 
 # --------------------------------------------------------------------------------------------
+# int8 caches (plain torch: run once per audio, not per step)
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_kv(
+    x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation of each row of D of keys or values x (..., L, D) float.
+
+    scale = max |x| / 127 over the row (float32; 1 for a row of zeros), q = round(x / scale)
+    clamped to [-127, 127], so |q * scale - x| <= scale / 2. ``out``: (q_out, scale_out)
+    buffers to fill, int8 (..., L, D) and float32 (..., L) of x's shape (e.g. a static cache's
+    rows; the int8 output is then not allocated). Returns (q, scale).
+    """
+    if out is not None:
+        q_out, scale_out = out
+        if (
+            q_out.shape != x.shape
+            or q_out.dtype != torch.int8
+            or scale_out.shape != x.shape[:-1]
+            or scale_out.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"out must be int8 {tuple(x.shape)} and float32 {tuple(x.shape[:-1])} tensors, "
+                f"got {q_out.dtype} {tuple(q_out.shape)}, {scale_out.dtype} "
+                f"{tuple(scale_out.shape)}"
+            )
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)  # (..., L)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # (..., L)
+    q = xf / scale[..., None] if xf is x else xf.div_(scale[..., None])  # in place on a copy
+    q = q.round_().clamp_(-127, 127)  # (..., L, D) float32 of integers
+    if out is None:
+        return q.to(torch.int8), scale
+    out[0].copy_(q)
+    out[1].copy_(scale)
+    return out
+
+
+def dequantize_kv(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """int8 keys or values q (..., L, D) times their float32 scales (..., L) -> (..., L, D)
+    ``dtype`` (the product in float32, then cast)."""
+    return (q.float() * scale[..., None]).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
 # Plain-torch reference
 # --------------------------------------------------------------------------------------------
 
@@ -413,9 +532,18 @@ def decode_attention_ref(
     group: int = 1,
     scale: float | None = None,
     upcast: bool = True,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference for :func:`decode_attention` (same arguments, same in-place cache writes):
-    a masked softmax over the gathered cache rows, in float32 when ``upcast``. (B, H, D)."""
+    a masked softmax over the gathered cache rows, in float32 when ``upcast``; int8 caches are
+    first dequantized (:func:`dequantize_kv`, to q's dtype unless ``upcast``). (B, H, D)."""
+    if k_scale is not None or v_scale is not None:
+        if k_new is not None:
+            raise UnsupportedOptionError("k_new/v_new (append) need float caches")
+        kv_dtype = torch.float32 if upcast else q.dtype
+        k_cache = dequantize_kv(k_cache, k_scale, kv_dtype)  # (Bk, H, L, D)
+        v_cache = dequantize_kv(v_cache, v_scale, kv_dtype)  # (Bk, H, L, D)
     b, h, d = q.shape
     length = k_cache.shape[2]
     rows = torch.arange(b, device=q.device)

@@ -2,7 +2,8 @@
 
 Decoding runs in three calls, all free of host syncs (graph-safe once caches exist):
 
-* ``set_audio(features)`` computes every layer's cross-attention K/V ONCE per audio window;
+* ``set_audio(features)`` computes every layer's cross-attention K/V ONCE per audio window
+  (int8 with per-position scales when ``WhisperNet.cross_kv_int8``);
 * ``prefill(tokens)`` runs the initial tokens and writes the self-attention cache [0, T);
 * ``step(tokens, positions)`` runs one token per row at ``positions`` and writes the cache there.
 
@@ -274,13 +275,59 @@ class AudioEncoder(nn.Module):
 class KVCache(nn.Module):
     """Static key/value buffers, (max_batch, H, max_len, D/H) each (views of the decoder's
     stacked caches, see :meth:`WhisperNet.setup_caches`); ``counters``: the zeroed int32
-    workspace of decode attention's in-kernel combine (cross-attention caches)."""
+    workspace of decode attention's in-kernel combine (cross-attention caches); ``k_scale``,
+    ``v_scale``: float32 (max_batch, H, max_len) scales of int8 k, v (``quantize_kv``), None
+    for float caches."""
 
-    def __init__(self, k: Tensor, v: Tensor, counters: Tensor | None = None):
+    def __init__(
+        self,
+        k: Tensor,
+        v: Tensor,
+        counters: Tensor | None = None,
+        k_scale: Tensor | None = None,
+        v_scale: Tensor | None = None,
+    ):
         super().__init__()
         self.register_buffer("k", k, persistent=False)
         self.register_buffer("v", v, persistent=False)
         self.register_buffer("counters", counters, persistent=False)
+        self.register_buffer("k_scale", k_scale, persistent=False)
+        self.register_buffer("v_scale", v_scale, persistent=False)
+
+    @property
+    def quantized(self) -> bool:
+        """True for int8 k, v with scales."""
+        return self.k_scale is not None
+
+    def write(self, k: Tensor, v: Tensor) -> None:
+        """Rows [0, A) <- k, v (A, H, L, D/H) float (quantised when the cache is int8)."""
+        n = k.shape[0]
+        if not self.quantized:
+            self.k[:n].copy_(k)
+            self.v[:n].copy_(v)
+            return
+        from speechrt.kernels.decode_attention import quantize_kv
+
+        quantize_kv(k, out=(self.k[:n], self.k_scale[:n]))
+        quantize_kv(v, out=(self.v[:n], self.v_scale[:n]))
+
+    def read(self, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """k, v of rows [0, n), (n, H, L, D/H) each: views of a float cache, or an int8 one
+        dequantized to ``dtype`` (new tensors: for prefill and the torch path, not the steps)."""
+        if not self.quantized:
+            return self.k[:n], self.v[:n]
+        from speechrt.kernels.decode_attention import dequantize_kv
+
+        return (
+            dequantize_kv(self.k[:n], self.k_scale[:n], dtype),
+            dequantize_kv(self.v[:n], self.v_scale[:n], dtype),
+        )
+
+    def scales(self, n: int) -> dict[str, Tensor]:
+        """``decode_attention`` keywords of rows [0, n): their k_scale, v_scale (int8 caches)."""
+        if not self.quantized:
+            return {}
+        return {"k_scale": self.k_scale[:n], "v_scale": self.v_scale[:n]}
 
 
 @dataclass
@@ -445,7 +492,7 @@ class DecoderLayer(nn.Module):
         if p.kind == "full":
             k, v = a.heads(a.wk(p.audio)), a.heads(a.wv(p.audio))  # (A, H, S, Dh)
         else:
-            k, v = self.cross_cache.k[:n], self.cross_cache.v[:n]
+            k, v = self.cross_cache.read(n, h.dtype)  # (A, H, S, Dh)
         b, t, d = h.shape
         n_audio = k.shape[0]
         q = a.heads(a.wq(h).reshape(n_audio, (b // n_audio) * t, d))  # (A, H, G*T, Dh)
@@ -465,15 +512,14 @@ class DecoderLayer(nn.Module):
         counters = c.counters if self.combine_in_kernel else None
         group = q.shape[0] // n_audio
         return decode_attention(q, c.k[:n_audio], c.v[:n_audio], None, group=group,
-                                counters=counters)  # fmt: skip
+                                counters=counters, **c.scales(n_audio))  # fmt: skip
 
     def set_audio(self, audio: Tensor) -> None:
-        """Compute and store cross-attention K/V of audio features (A, S, D)."""
+        """Compute and store cross-attention K/V of audio features (A, S, D) (int8 with
+        per-(audio, head, position) scales when the cross cache is int8)."""
         a = self.cross_attn
-        n = audio.shape[0]
-        self.cross_cache.k[:n].copy_(a.heads(a.wk(audio)))
-        self.cross_cache.v[:n].copy_(a.heads(a.wv(audio)))
-        self.n_audio = n
+        self.cross_cache.write(a.heads(a.wk(audio)), a.heads(a.wv(audio)))  # (A, H, S, Dh)
+        self.n_audio = audio.shape[0]
 
     def reorder(self, source: Tensor, upto: int | None = None) -> None:
         """Self-attention cache rows <- rows ``source`` (B,) (beam search), positions [0, upto)."""
@@ -513,7 +559,8 @@ class TextDecoder(nn.Module):
         self.persistent_step = False  # experimental: see uses_persistent
         self.persistent = PersistentStep(self)
         # (self k, self v, cross k, cross v): (L, B, H, T, Dh) and (L, A, H, S, Dh), whose
-        # per-layer views are the layers' caches (set by WhisperNet.setup_caches)
+        # per-layer views are the layers' caches (set by WhisperNet.setup_caches; cross k, v
+        # int8 with WhisperNet.cross_kv_int8, their scales then only in the layers' caches)
         self.stacked_caches: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.int8_logits: dict[str, Tensor] | None = None  # quantize_step_int8
         self._split_counters: Tensor | None = None  # split_counters
@@ -540,7 +587,10 @@ class TextDecoder(nn.Module):
         persistent one-launch kernel (``models.whisper.stacked``): only when
         ``persistent_step`` is True (experimental: slower than the skinny step on the H200,
         BENCHMARKS.md session 6), for 1-4 rows, one per audio; under the interpreter it runs
-        phase by phase."""
+        phase by phase. Never over int8 cross caches (``WhisperNet.cross_kv_int8``)."""
+        cross = self.layers[0].cross_cache
+        if cross is not None and cross.quantized:
+            return False
         return bool(self.persistent_step) and rows == n_audio and rows <= 4
 
     def _skinny(self, rows: int) -> bool:
@@ -630,6 +680,13 @@ class WhisperNet(nn.Module):
     forces it (CPU only under ``TRITON_INTERPRET=1``), False keeps the torch path everywhere.
     ``cache_version`` changes whenever the caches are reallocated (captured graphs that read
     them are then stale).
+
+    ``cross_kv_int8``: ``setup_caches`` allocates the cross-attention K/V as int8 with a float32
+    scale per (audio, head, position) (``kernels.decode_attention.quantize_kv``): decode steps
+    read half the bytes (about half of a batch-16 large-v3 step is that read); the
+    self-attention caches keep the model dtype, and the persistent one-launch step is not used.
+    Call ``setup_caches`` again after changing it (``ensure_caches`` does when it no longer
+    matches the caches).
     """
 
     def __init__(self, dims: WhisperDims) -> None:
@@ -644,6 +701,7 @@ class WhisperNet(nn.Module):
         self.max_audio = 0
         self.cache_version = 0
         self.kernels: bool | None = None
+        self.cross_kv_int8 = False
 
     def uses_kernels(self, device: torch.device) -> bool:
         """Whether passes on ``device`` take the kernel path (see the class docstring)."""
@@ -667,7 +725,8 @@ class WhisperNet(nn.Module):
         self, max_batch: int, max_len: int | None = None, max_audio: int | None = None
     ):
         """Allocate self-attention caches for ``max_batch`` rows of ``max_len`` tokens (default
-        n_text_ctx) and cross-attention caches for ``max_audio`` audios (default max_batch)."""
+        n_text_ctx) and cross-attention caches for ``max_audio`` audios (default max_batch),
+        int8 with float32 scales when ``cross_kv_int8``."""
         dims, like = self.dims, self.decoder.tok_emb.weight
         max_len = max_len or dims.n_text_ctx
         max_audio = max_audio or max_batch
@@ -679,22 +738,28 @@ class WhisperNet(nn.Module):
         for layer in self.decoder.layers:
             layer.cache = layer.cross_cache = None
         self_kv = [torch.zeros(n, max_batch, h, max_len, head_dim, **opts) for _ in range(2)]
-        cross_kv = [
-            torch.zeros(n, max_audio, h, dims.n_audio_ctx, head_dim, **opts) for _ in range(2)
-        ]
+        int8, cross = self.cross_kv_int8, (n, max_audio, h, dims.n_audio_ctx)  # (L, A, H, S)
+        if int8:
+            opts["dtype"] = torch.int8
+            scales = [torch.ones(cross, device=like.device) for _ in range(2)]  # float32
+        cross_kv = [torch.zeros(*cross, head_dim, **opts) for _ in range(2)]
         counters = torch.zeros(n, max_audio * h, dtype=torch.int32, device=like.device)
         for i, layer in enumerate(self.decoder.layers):
             layer.cache = KVCache(self_kv[0][i], self_kv[1][i])
-            layer.cross_cache = KVCache(cross_kv[0][i], cross_kv[1][i], counters[i])
+            k_scale, v_scale = (scales[0][i], scales[1][i]) if int8 else (None, None)
+            layer.cross_cache = KVCache(cross_kv[0][i], cross_kv[1][i], counters[i], k_scale,
+                                        v_scale)  # fmt: skip
         self.decoder.stacked_caches = (*self_kv, *cross_kv)
         self.max_batch, self.max_audio = max_batch, max_audio
         self.cache_version += 1
 
     def ensure_caches(self, batch: int, n_audio: int, max_len: int | None = None) -> None:
         """(Re)allocate caches if they hold fewer than ``batch`` rows, ``n_audio`` audios or
-        ``max_len`` positions (default n_text_ctx)."""
+        ``max_len`` positions (default n_text_ctx), or ``cross_kv_int8`` changed since."""
         max_len = max_len or self.dims.n_text_ctx
-        if batch > self.max_batch or n_audio > self.max_audio or max_len > self.cache_len:
+        cross = self.decoder.layers[0].cross_cache
+        stale = cross is not None and cross.quantized != self.cross_kv_int8
+        if stale or batch > self.max_batch or n_audio > self.max_audio or max_len > self.cache_len:
             self.setup_caches(
                 max(batch, self.max_batch), max(max_len, self.cache_len),
                 max(n_audio, self.max_audio),

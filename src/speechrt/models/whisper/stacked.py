@@ -72,6 +72,8 @@ class PersistentStep:
         caches = self.decoder.stacked_caches
         if caches is None:
             raise UnsupportedOptionError("the persistent step needs caches (setup_caches)")
+        if caches[2].dtype == torch.int8:
+            raise UnsupportedOptionError("the persistent step needs float cross caches, not int8")
         first = self.decoder.layers[0]
         if first.cache.k.data_ptr() != caches[0].data_ptr() or (
             first.cross_cache.v.data_ptr() != caches[3].data_ptr()

@@ -164,23 +164,6 @@ def test_default_configs_are_valid(monkeypatch):
     assert all(c.block_k or not c.use_dot for c in CONFIGS)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [SUM_CFG, DOT_CFG], ids=CONFIG_IDS.get)
-@pytest.mark.parametrize("m", [3, 20])
-def test_k_loop_folds_layer_norm(m, config, dtype, device, check_output):
-    """Given ln_fold, the K-loop kernel folds the LayerNorm through the GEMM (statistics from
-    the loop's own loads) instead of a statistics pre-pass: same result within the dtype's
-    rounding, from the float32 stream with a large mean."""
-    x = _stream(m, K, device)
-    w, b = _weights(N, K, device, dtype)
-    ln = _ln(K, device)
-    fold = fold_layer_norm(w, b, ln[0], ln[1])
-    y = skinny_linear(x, w, b, ln=ln, activation="gelu", config=config, ln_fold=fold)
-    gold = skinny_linear_ref(x, w, b, ln=ln, activation="gelu", upcast=True)
-    torch_y = skinny_linear_ref(x, w, b, ln=ln, activation="gelu")
-    check_output(y, gold, torch_y, dtype)
-
-
 @pytest.mark.parametrize("m", [2, 16, 33])
 def test_split_counters_left_zeroed_and_reused(m, device):
     """One caller-owned counter workspace serves several split-K launches in a row (different

@@ -202,12 +202,7 @@ def _skinny_linear_kernel(
     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,
-    FOLD_C,  # (N,) float32 c of the LayerNorm fold (FOLD; BIAS is then its d)
-    FOLD: tl.constexpr,  # HAS_LN through the fold (skinny_split): no statistics pre-pass
 ):
-    """With FOLD, the LayerNorm's statistics accumulate in the K loop from the same loads
-    (shifted by the row's first element) and apply in the epilogue, as in
-    :mod:`speechrt.kernels.skinny_split`."""
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -217,27 +212,14 @@ def _skinny_linear_kernel(
     col_ok = cols < N
     x_rows = X + rows.to(tl.int64)[:, None] * stride_xm  # (BLOCK_M, 1)
     w_rows = W + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
-    s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    s2 = s1
-    shift = s1
-    if FOLD:
-        shift = tl.load(X + rows.to(tl.int64) * stride_xm, mask=row_ok, other=0.0).to(tl.float32)
-    elif HAS_LN:
+    if HAS_LN:
         mean, rstd = _row_stats(x_rows, row_ok, K, eps, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if FOLD:  # shifted sums, and x * g rounded to the weight dtype
-            xf = a.to(tl.float32)
-            xc = tl.where(row_ok[:, None] & k_ok[None, :], xf - shift[:, None], 0.0)
-            s1 += tl.sum(xc, axis=1)
-            s2 += tl.sum(xc * xc, axis=1)
-            if HAS_LN_W:
-                xf *= tl.load(LN_W + ks, mask=k_ok, other=0.0)[None, :]
-            a = xf.to(W.dtype.element_ty)
-        elif HAS_LN:  # normalise in float32, round to the weight dtype (masked K: w is 0)
+        if HAS_LN:  # normalise in float32, round to the weight dtype (masked K: w is 0)
             a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
             if HAS_LN_W:
                 a *= tl.load(LN_W + ks, mask=k_ok, other=0.0)[None, :]
@@ -252,11 +234,6 @@ def _skinny_linear_kernel(
         else:  # (BLOCK_M, 1, BLOCK_K) * (1, BLOCK_N, BLOCK_K) summed over K
             prod = a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             acc += tl.sum(prod, axis=2)
-    if FOLD:
-        m1 = s1 / K
-        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - m1 * m1, 0.0) + eps)
-        c = tl.load(FOLD_C + cols, mask=col_ok, other=0.0)
-        acc = rstd[:, None] * (acc - (shift + m1)[:, None] * c[None, :])
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc = activate(acc, ACT)
@@ -521,11 +498,9 @@ def skinny_linear(
         out: optional contiguous (..., N) output of ``out_dtype`` (not with residual).
         out_dtype: dtype of the output (default weight's; e.g. float32 logits).
         config: launch configuration (benchmarks sweep :data:`CONFIGS`); None picks one.
-        ln_fold: with ``ln``: ``skinny_split.fold_layer_norm(weight, bias, ln_weight,
-            ln_bias)``, computed once per weight by the caller. The split-K kernel needs it
-            (else it computes it on every call: one extra float32 GEMV); the K-loop kernel
-            then folds the LayerNorm through the GEMM instead of a statistics pre-pass; the
-            whole-row kernel ignores it.
+        ln_fold: for the split-K kernel with ``ln``: ``skinny_split.fold_layer_norm(weight,
+            bias, ln_weight, ln_bias)``, computed once per weight by the caller (else on every
+            call, one extra float32 GEMV); the other kernels ignore it.
         counters: for the split-K kernel: a zeroed int32 workspace of at least
             cdiv(N, block_n) * cdiv(M, 16) elements, left zeroed (None: a fresh zeroed one per
             call, one more launch); launches that share it must not overlap.
@@ -600,14 +575,9 @@ def skinny_linear(
     block_m = min(cfg.block_m, next_power_of_2(m))
     block_m = max(16, block_m) if cfg.use_dot else block_m
     grid = (cdiv(n, cfg.block_n), cdiv(m, block_m))
-    fold = ln is not None and ln_fold is not None
-    if fold:  # the fold's d replaces the bias (it includes it)
-        args = (x2d, weight, ln_fold[1], *args[3:])
-        flags["HAS_BIAS"] = True
     _skinny_linear_kernel[grid](
         *args, **flags, USE_DOT=cfg.use_dot, **dot_precision(weight.dtype),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **pdl_kwargs(x.device),
-        FOLD_C=ln_fold[0] if fold else weight, FOLD=fold,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

@@ -36,8 +36,7 @@ partials combined by a second kernel, ``DecoderLayer.combine_in_kernel`` off;
 GEMMs on the K-loop tensor-core kernel / the split-K kernel, ``skinny_linear.MANY_ROWS``, also
 at 1-4 rows; ``fused_kvint8``: the default kernel-path step with int8 cross-attention K/V,
 ``WhisperNet.cross_kv_int8``, and ``fused_skinny_kvint8`` the same with the skinny step
-forced; ``fused_hybrid``: cuBLAS after each LayerNorm, split-K skinny GEMMs adding to the
-stream, ``TextDecoder.hybrid_step``; ``fused_old`` has it off).
+forced).
 ``gpu_ops`` = CUDA kernels (and memsets/copies) of one eager step (torch profiler); ``max_err``
 = max |logits - torch path logits|.
 """
@@ -239,16 +238,13 @@ def step_rows(
             ("fused_skinny_p3", True, True, "1", 3),
         ):
             net.kernels, net.decoder.skinny_step = kernels, skinny
-            net.decoder.persistent_step, net.decoder.hybrid_step = False, False
+            net.decoder.persistent_step = False
             os.environ["SPEECHRT_PDL"], skinny_linear.DEFAULT_PERSIST = pdl, persist
             results[provider] = _step(net, feats.to(dtype), tokens)
         os.environ["SPEECHRT_PDL"], skinny_linear.DEFAULT_PERSIST = "1", default_persist
         DecoderLayer.combine_in_kernel = False  # cross-attention's combine as a second kernel
         results["fused_skinny_combine2"] = _step(net, feats.to(dtype), tokens)
         DecoderLayer.combine_in_kernel = True
-        net.decoder.skinny_step, net.decoder.hybrid_step = False, True
-        results["fused_hybrid"] = _step(net, feats.to(dtype), tokens)
-        net.decoder.hybrid_step = None
         net.kernels, net.decoder.skinny_step = True, True
         for kind in ("dot", "split"):  # the many-rows kernels, also where whole-row runs
             if kind == skinny_linear.MANY_ROWS and b > skinny_linear.MAX_ROW_ROWS:

@@ -133,24 +133,3 @@ def test_int8_needs_half_model():
 
     with pytest.raises(UnsupportedOptionError, match="float16"):
         _random_net(seed=0).decoder.quantize_step_int8()
-
-
-def test_hybrid_step_matches_torch_path():
-    """``hybrid_step``: cuBLAS GEMMs after each LayerNorm, split-K skinny GEMMs adding to the
-    stream: the torch path's logits and caches, rows grouped by audio, ragged positions."""
-    torch.manual_seed(0)
-    rows, n_audio = 6, 3
-    feats = torch.randn(n_audio, DIMS.n_audio_ctx, DIMS.n_text_state)
-    tokens = torch.randint(0, DIMS.n_vocab, (rows, 6))
-    starts = torch.full((rows,), 3)
-    starts[::2] = 2
-    outs = []
-    with torch.inference_mode():
-        for kernels in (False, True):
-            net = _random_net(seed=3)
-            net.kernels, net.decoder.skinny_step, net.decoder.hybrid_step = kernels, False, True
-            outs.append(_decode(net, feats, tokens, starts))
-    (ref_logits, ref_k), (logits, k) = outs
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(k, ref_k, atol=1e-5, rtol=1e-5)
-    assert net.decoder._split_counters.count_nonzero() == 0

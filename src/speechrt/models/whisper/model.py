@@ -385,35 +385,6 @@ class DecoderLayer(nn.Module):
         x, h = _add_norm_fused(self._cross_attend(h, p), x, self.ffn_norm)
         return _add_norm_fused(self.ffn(h), x, next_norm)
 
-    def step_hybrid(
-        self, x: Tensor, h: Tensor, p: _Pass, next_norm: LayerNorm, counters: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Kernel-path step of many rows, as :meth:`forward_fused` (FP32 residual x (B, 1, D),
-        h = self_attn_norm(x) -> (x', next_norm(x'))) but the three GEMMs that add to the
-        stream (self and cross output projections, fc2) are split-K skinny GEMMs with the
-        residual add in their epilogue (``counters``: their shared zeroed workspace), each
-        followed by a LayerNorm kernel; the GEMMs that read a LayerNorm stay on cuBLAS."""
-        from speechrt.kernels.decode_attention import decode_attention
-        from speechrt.kernels.skinny_linear import skinny_linear, split_config
-
-        a, c, f = self.self_attn, self.cross_attn, self.ffn
-        b, _, d = x.shape
-        rows, dtype = x.view(b, d), h.dtype  # (B, D) FP32 residual stream
-        cfg = {"config": split_config(*HYBRID_SPLIT), "counters": counters, "residual": rows}
-        qkv = F.linear(h[:, 0], *a.packed_qkv())  # (B, 3D)
-        q, k, v = (t.view(b, a.n_head, -1) for t in qkv.split(d, dim=-1))  # (B, H, Dh) each
-        ck, cv = self.cache.k[:b], self.cache.v[:b]  # (B, H, L, Dh)
-        out = decode_attention(q, ck, cv, p.lengths, k_new=k, v_new=v, num_splits=1)
-        skinny_linear(out.view(b, d), a.wo.weight, a.wo.bias, **cfg)
-        h = _norm_fused(x, self.cross_attn_norm, dtype)
-        q = c.wq(h[:, 0]).view(b, c.n_head, -1)  # (B, H, Dh)
-        out = self._cross_attend_step(q, p.n_audio or self.n_audio)
-        skinny_linear(out.view(b, d), c.wo.weight, c.wo.bias, **cfg)
-        h = _norm_fused(x, self.ffn_norm, dtype)
-        hid = F.gelu(f.fc1(h[:, 0]))  # (B, 4D)
-        skinny_linear(hid, f.fc2.weight, f.fc2.bias, **cfg)
-        return x, _norm_fused(x, next_norm, dtype)
-
     def step_fused(
         self, x: Tensor, p: _Pass, fold: bool = False, counters: Tensor | None = None
     ) -> None:
@@ -562,9 +533,6 @@ class DecoderLayer(nn.Module):
 # (bench/skinny_micro.py, session 5): 1.33 vs 2.14 ms at 1 row, 1.97 vs 2.23 at 2, but 3.33 vs
 # 3.16 at 16 rows, where the whole-row GEMV gives way to the tl.dot kernel and cuBLAS wins.
 SKINNY_AUTO_MAX_ROWS = 2
-# split-K (block_n, block_k) of the residual GEMMs of DecoderLayer.step_hybrid: the fastest
-# config at 16 rows for the large-v3 output projection and fc2 (H200 sweep, session 8)
-HYBRID_SPLIT = (32, 512)
 
 
 class TextDecoder(nn.Module):
@@ -575,10 +543,7 @@ class TextDecoder(nn.Module):
     decode attention, programmatic dependent launch on Hopper) instead of the GEMM + fused
     add/LayerNorm flow of prefill. None (default): for steps of at most
     :data:`SKINNY_AUTO_MAX_ROWS` rows, where the whole-row GEMV kernel beats cuBLAS (H200,
-    BENCHMARKS.md session 5); True/False force it. Set it before CUDA graphs are captured.
-    ``hybrid_step``: other kernel-path steps run :meth:`DecoderLayer.step_hybrid` (split-K
-    skinny GEMMs for the three that add to the residual stream) instead of the prefill flow;
-    None (default): for steps of more than :data:`SKINNY_AUTO_MAX_ROWS` rows."""
+    BENCHMARKS.md session 5); True/False force it. Set it before CUDA graphs are captured."""
 
     def __init__(self, dims: WhisperDims) -> None:
         super().__init__()
@@ -591,7 +556,6 @@ class TextDecoder(nn.Module):
         )
         self.norm = LayerNorm(d)
         self.skinny_step: bool | None = None
-        self.hybrid_step: bool | None = None  # see DecoderLayer.step_hybrid
         self.persistent_step = False  # experimental: see uses_persistent
         self.persistent = PersistentStep(self)
         # (self k, self v, cross k, cross v): (L, B, H, T, Dh) and (L, A, H, S, Dh), whose
@@ -629,11 +593,6 @@ class TextDecoder(nn.Module):
             return False
         return bool(self.persistent_step) and rows == n_audio and rows <= 4
 
-    def _hybrid(self, rows: int) -> bool:
-        if self.hybrid_step is None:
-            return rows > SKINNY_AUTO_MAX_ROWS
-        return self.hybrid_step
-
     def _skinny(self, rows: int) -> bool:
         if self.skinny_step is None:
             return rows <= SKINNY_AUTO_MAX_ROWS
@@ -644,13 +603,8 @@ class TextDecoder(nn.Module):
         dtype, x = x.dtype, x.float().contiguous()  # (B, T, D) FP32 residual, updated in place
         h = _norm_fused(x, self.layers[0].self_attn_norm, dtype)
         norms = [layer.self_attn_norm for layer in self.layers[1:]] + [self.norm]
-        hybrid = p.kind == "step" and self._hybrid(x.shape[0])
-        counters = self.split_counters(x.shape[0], x.device) if hybrid else None
         for layer, next_norm in zip(self.layers, norms):
-            if hybrid:
-                x, h = layer.step_hybrid(x, h, p, next_norm, counters)
-            else:
-                x, h = layer.forward_fused(x, h, p, next_norm)
+            x, h = layer.forward_fused(x, h, p, next_norm)
         return h
 
     def _step_fused(self, x: Tensor, p: _Pass) -> Tensor:

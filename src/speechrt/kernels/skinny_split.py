@@ -20,12 +20,13 @@ through the GEMM. With ``g``/``beta`` its affine, ``mu``/``r`` the row's mean an
 
     LN(x) @ W^T + b = r * ((x * g) @ W^T - mu * c) + d,   c = W @ g,  d = b + W @ beta,
 
-so a chunk multiplies ``x * g`` (rounded to the weight dtype) and accumulates float32 sums of
-``x - x[0]`` and its square (shifted by the row's first element against cancellation); the
-epilogue has the whole row's statistics. ``c`` and ``d`` (float32, (N,) each) come from
-:func:`fold_layer_norm`, computed once per weight by the caller. The product rounds ``x * g``
-instead of ``LN(x)`` to the weight dtype: the same relative rounding, not the same bits as the
-reference (``skinny_linear_ref``), which the tests bound.
+and the same holds with x shifted by any per-row constant s (mu becomes mu - s). A chunk
+multiplies ``(x - x[0]) * g`` (the row's first element as s, rounded to the weight dtype) and
+accumulates float32 sums of ``x - x[0]`` and its square; the epilogue has the whole row's
+statistics. ``c`` and ``d`` (float32, (N,) each) come from :func:`fold_layer_norm`, computed
+once per weight by the caller. The product rounds ``(x - x[0]) * g`` instead of ``LN(x)``: an
+error that scales with the row's spread, not its mean, but not the reference's bits
+(``skinny_linear_ref``): bfloat16 results are about 1.5x its rounding error.
 """
 
 from __future__ import annotations
@@ -91,12 +92,11 @@ def _skinny_split_kernel(
     x = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
     s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
     s2 = s1
-    shift = s1
-    if HAS_LN:  # partial sums of the row shifted by its first element
+    if HAS_LN:  # the chunk centred on the row's first element, and its partial sums
         shift = tl.load(X + rows.to(tl.int64) * stride_xm, mask=row_ok, other=0.0).to(tl.float32)
-        xc = tl.where(x_mask, x - shift[:, None], 0.0)
-        s1 = tl.sum(xc, axis=1)
-        s2 = tl.sum(xc * xc, axis=1)
+        x = tl.where(x_mask, x - shift[:, None], 0.0)  # centred: rounding scales with x - x[0]
+        s1 = tl.sum(x, axis=1)
+        s2 = tl.sum(x * x, axis=1)
         if HAS_LN_W:
             x = x * g[None, :]
     a = x.to(W.dtype.element_ty)
@@ -132,26 +132,25 @@ def _skinny_split_kernel(
                     ok = c_ok[:, None]
                     s1 += tl.sum(tl.load(sums, cache_modifier=".cg", mask=ok, other=0.0), 0)
                     s2 += tl.sum(tl.load(sums + 1, cache_modifier=".cg", mask=ok, other=0.0), 0)
-            _epilogue(acc, s1, s2, shift, BIAS, FOLD_C, R, Y, rows, row_ok,
+            _epilogue(acc, s1, s2, BIAS, FOLD_C, R, Y, rows, row_ok,
                       cols, col_ok, K, stride_rm, stride_ym, eps, HAS_BIAS, HAS_LN,
                       HAS_RESIDUAL, ACT)
             tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")  # zeroed for the next launch
     else:
-        _epilogue(acc, s1, s2, shift, BIAS, FOLD_C, R, Y, rows, row_ok, cols,
+        _epilogue(acc, s1, s2, BIAS, FOLD_C, R, Y, rows, row_ok, cols,
                   col_ok, K, stride_rm, stride_ym, eps, HAS_BIAS, HAS_LN, HAS_RESIDUAL, ACT)
 
 
 @triton.jit
-def _epilogue(acc, s1, s2, shift, BIAS, FOLD_C, R, Y, rows, row_ok, cols, col_ok, K,
+def _epilogue(acc, s1, s2, BIAS, FOLD_C, R, Y, rows, row_ok, cols, col_ok, K,
               stride_rm, stride_ym, eps, HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr,
               HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr):
-    """The LayerNorm fold (row statistics from the shifted sums), bias, activation, store."""
+    """The LayerNorm fold (row statistics from the sums of x - x[0]), bias, activation, store."""
     if HAS_LN:
         m1 = s1 / K
         rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - m1 * m1, 0.0) + eps)
-        mean = shift + m1
         c = tl.load(FOLD_C + cols, mask=col_ok, other=0.0)
-        acc = rstd[:, None] * (acc - mean[:, None] * c[None, :])
+        acc = rstd[:, None] * (acc - m1[:, None] * c[None, :])  # the mean minus the shift
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc = activate(acc, ACT)

@@ -136,3 +136,17 @@ def dot_precision(dtype: torch.dtype) -> dict:
     """
     upcast = dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
     return {"UPCAST": upcast, "INPUT_PRECISION": "ieee" if upcast else "tf32"}
+
+
+def check_counters(counters: torch.Tensor, need: int, device: torch.device) -> None:
+    """A kernel's counter workspace: a contiguous int32 tensor of at least ``need`` elements
+    on ``device`` (zeros, which the kernels leave zeroed)."""
+    if (
+        counters.dtype != torch.int32
+        or not counters.is_contiguous()
+        or counters.numel() < need
+        or counters.device != device
+    ):
+        raise ValueError(
+            f"counters must be a contiguous int32 tensor of >= {need} zeros on {device}"
+        )

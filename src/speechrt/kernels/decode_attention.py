@@ -42,6 +42,7 @@ from speechrt.kernels._utils import (
     MISSING_TL,
     MISSING_TRITON,
     cdiv,
+    check_counters,
     check_launch,
     next_power_of_2,
     out_or_empty,
@@ -407,15 +408,8 @@ def decode_attention(
     splits = cdiv(max(length, 1), chunk)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     fuse = splits > 1 and counters is not None
-    if counters is not None and (
-        counters.dtype != torch.int32
-        or not counters.is_contiguous()
-        or counters.numel() < programs
-        or counters.device != q.device
-    ):
-        raise ValueError(
-            f"counters must be a contiguous int32 tensor of >= {programs} elements on {q.device}"
-        )
+    if counters is not None:
+        check_counters(counters, programs, q.device)
     if splits > 1:
         lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
         partial = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)

@@ -35,7 +35,13 @@ import torch
 
 from speechrt.kernels._activations import activate
 from speechrt.kernels._pdl import gdc_launch_dependents, gdc_wait, pdl_kwargs
-from speechrt.kernels._utils import MISSING_TL, MISSING_TRITON, cdiv, dot_precision
+from speechrt.kernels._utils import (
+    MISSING_TL,
+    MISSING_TRITON,
+    cdiv,
+    check_counters,
+    dot_precision,
+)
 
 try:  # Triton is optional: the reference works without it, the launcher needs it.
     import triton
@@ -219,15 +225,8 @@ def launch_split(
         need = n_blocks * m_blocks
         if counters is None:
             counters = torch.zeros(need, dtype=torch.int32, device=x2d.device)
-        elif (
-            counters.dtype != torch.int32
-            or not counters.is_contiguous()
-            or counters.numel() < need
-            or counters.device != x2d.device
-        ):
-            raise ValueError(
-                f"counters must be a contiguous int32 tensor of >= {need} zeros on {x2d.device}"
-            )
+        else:
+            check_counters(counters, need, x2d.device)
         count = counters
     ln_w = ln[0] if has_ln else None
     bias_arg = fold[1] if has_ln else bias

@@ -56,7 +56,7 @@ from speechrt.kernels._utils import (
     out_or_empty,
     sm_count,
 )
-from speechrt.kernels.skinny_split import launch_split
+from speechrt.kernels.skinny_split import bias_act_store, launch_split
 
 try:  # Triton is optional: the reference works without it, the launcher needs it.
     import triton
@@ -234,16 +234,8 @@ def _skinny_linear_kernel(
         else:  # (BLOCK_M, 1, BLOCK_K) * (1, BLOCK_N, BLOCK_K) summed over K
             prod = a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             acc += tl.sum(prod, axis=2)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    acc = activate(acc, ACT)
-    mask = row_ok[:, None] & col_ok[None, :]
-    if HAS_RESIDUAL:
-        r = R + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :]
-        tl.store(r, tl.load(r, mask=mask, other=0.0) + acc, mask=mask)
-    else:
-        y = Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
-        tl.store(y, acc.to(Y.dtype.element_ty), mask=mask)
+    bias_act_store(acc, BIAS, R, Y, rows, row_ok, cols, col_ok, stride_rm, stride_ym, HAS_BIAS,
+                   HAS_RESIDUAL, ACT)
 
 
 @triton.jit

@@ -49,7 +49,7 @@ try:  # Triton is optional: the reference works without it, the launcher needs i
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton, tl = MISSING_TRITON, MISSING_TL
 
-__all__ = ["fold_layer_norm", "launch_split"]
+__all__ = ["bias_act_store", "fold_layer_norm", "launch_split"]
 
 
 # fmt: off
@@ -157,6 +157,15 @@ def _epilogue(acc, s1, s2, BIAS, FOLD_C, R, Y, rows, row_ok, cols, col_ok, K,
         rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - m1 * m1, 0.0) + eps)
         c = tl.load(FOLD_C + cols, mask=col_ok, other=0.0)
         acc = rstd[:, None] * (acc - m1[:, None] * c[None, :])  # the mean minus the shift
+    bias_act_store(acc, BIAS, R, Y, rows, row_ok, cols, col_ok, stride_rm, stride_ym, HAS_BIAS,
+                   HAS_RESIDUAL, ACT)
+
+
+@triton.jit
+def bias_act_store(acc, BIAS, R, Y, rows, row_ok, cols, col_ok, stride_rm, stride_ym,
+                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr):
+    """The skinny GEMMs' epilogue of a float32 (rows, cols) tile: + bias, activation, then
+    ``R += acc`` (float32 residual) or a store to Y in its dtype."""
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc = activate(acc, ACT)

@@ -18,26 +18,13 @@ from speechrt.models.whisper.model import WhisperNet
 
 pytest.importorskip("triton")
 
+from tests.models.whisper.test_skinny_step import _random_net  # noqa: E402
+
 DIMS = WhisperDims(
     n_mels=8, n_audio_ctx=40, n_audio_state=48, n_audio_head=3, n_audio_layer=1,
     n_vocab=51865, n_text_ctx=32, n_text_state=48, n_text_head=3, n_text_layer=2,
 )  # fmt: skip
 PREFILL = 3
-
-
-def _random_net(seed: int) -> WhisperNet:
-    """Random weights of trained-like scale: matrices N(0, 1/fan_in), LN weights near 1."""
-    gen = torch.Generator().manual_seed(seed)
-    net = WhisperNet(DIMS).eval()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
-            elif name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return net
 
 
 def _run(net: WhisperNet, feats: torch.Tensor, tokens: torch.Tensor, cross=None) -> torch.Tensor:
@@ -73,15 +60,15 @@ def test_int8_cross_cache_matches_torch_path_on_dequantized_values(rows, n_audio
     feats = torch.randn(n_audio, DIMS.n_audio_ctx, DIMS.n_text_state)
     tokens = torch.randint(0, DIMS.n_vocab, (rows, 6))
     with torch.inference_mode():
-        net = _random_net(seed=1)
+        net = _random_net(1, DIMS)
         net.kernels, net.cross_kv_int8, net.decoder.skinny_step = True, True, skinny
         logits = _run(net, feats, tokens)
         cache = net.decoder.layers[1].cross_cache
         assert cache.k.dtype == torch.int8 and cache.v_scale.dtype == torch.float32
         assert cache.k_scale.shape == (n_audio, DIMS.n_text_head, DIMS.n_audio_ctx)
         cross = _dequantized(net, n_audio)
-        ref = _run(_random_net(seed=1), feats, tokens, cross)  # float torch path
-        torch_int8 = _random_net(seed=1)
+        ref = _run(_random_net(1, DIMS), feats, tokens, cross)  # float torch path
+        torch_int8 = _random_net(1, DIMS)
         torch_int8.cross_kv_int8 = True
         torch_logits = _run(torch_int8, feats, tokens)
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
@@ -103,7 +90,7 @@ def test_greedy_decoding_int8_close_to_float_caches():
     outs = []
     with torch.inference_mode():
         for int8 in (False, True):
-            net = _random_net(seed=3)
+            net = _random_net(3, DIMS)
             net.kernels, net.cross_kv_int8 = True, int8
             net.setup_caches(rows, PREFILL + steps, 2)
             net.set_audio(feats)
@@ -119,7 +106,7 @@ def test_greedy_decoding_int8_close_to_float_caches():
 
 
 def test_int8_caches_follow_the_flag_and_skip_the_persistent_step():
-    net = _random_net(seed=2)
+    net = _random_net(2, DIMS)
     net.setup_caches(1, 8, 1)
     assert net.decoder.layers[0].cross_cache.k_scale is None
     version = net.cache_version

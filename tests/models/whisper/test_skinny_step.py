@@ -18,10 +18,10 @@ DIMS = WhisperDims(
 )  # fmt: skip
 
 
-def _random_net(seed: int) -> WhisperNet:
+def _random_net(seed: int, dims: WhisperDims = DIMS) -> WhisperNet:
     """Random weights of trained-like scale: matrices N(0, 1/fan_in), LN weights near 1."""
     gen = torch.Generator().manual_seed(seed)
-    net = WhisperNet(DIMS).eval()
+    net = WhisperNet(dims).eval()
     with torch.no_grad():
         for name, p in net.named_parameters():
             if p.dim() >= 2:

@@ -129,18 +129,26 @@ def test_graph_keys_are_bucketed(shared):
     assert resc[1] in eng.buckets.batch_sizes and resc[4] % 16 == 0
 
 
-@pytest.mark.parametrize("triton_front, triton_ffn", [(True, False), (False, True)])
-def test_kernel_switches_equal_torch(shared, triton_front, triton_ffn):
+@pytest.mark.parametrize(
+    "triton_front, triton_ffn, triton_glu, triton_linear",
+    [(True, False, True, True), (False, True, False, False)],
+)
+def test_kernel_switches_equal_torch(shared, triton_front, triton_ffn, triton_glu, triton_linear):
     """The encoder with its conv subsampling front on the Triton kernel (CMVN + both convs in
-    one launch) or on cuDNN/ATen convs, and with the FFN activation fused into the first FFN
-    GEMM or not, against the torch modules."""
+    one launch) or on cuDNN/ATen convs, with the FFN activation fused into the first FFN GEMM
+    or not, with the conv module's GLU in pw1's epilogue or in the depthwise-conv kernel, and
+    with the Q/K/V, attention-output and pw2 GEMMs on linear_act or cuBLAS, against the torch
+    modules (float32; triton_linear is off by default)."""
     d, feats, lens = _load(shared, "conformer_ctc_aed")
     ref = load_wenet(d, device=DEVICE, engine="torch")
     fast = load_wenet(d, device=DEVICE, engine="fused", cuda_graphs=False)
     enc = fast.engine.encoder
-    # The defaults: both on with CUDA + Triton (measured faster on the H200), off elsewhere.
-    assert enc.triton_front == (DEVICE == "cuda") and enc.triton_ffn == (DEVICE == "cuda")
-    enc.triton_front, enc.triton_ffn = triton_front, triton_ffn
+    # The defaults: on with CUDA + Triton (measured faster on the H200), off elsewhere.
+    on = DEVICE == "cuda"
+    assert (enc.triton_front, enc.triton_ffn, enc.triton_glu) == (on, on, on)
+    assert not enc.triton_linear
+    enc.triton_front, enc.triton_ffn, enc.triton_glu = triton_front, triton_ffn, triton_glu
+    enc.triton_linear = triton_linear
     a, al = ref.encode(feats, lens)
     b, bl = fast.encode(feats, lens)
     assert al.tolist() == bl.tolist()

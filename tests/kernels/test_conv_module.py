@@ -40,14 +40,18 @@ def _inputs(b, t, c, k, device, dtype=torch.float32):
     return x2, w, bias, dict(ln_weight=ln_w, ln_bias=ln_b)
 
 
+@pytest.mark.parametrize("glu", [True, False], ids=["glu", "glu_applied"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b, t, c, k, causal, norm, pad_mode, activation", CASES)
 def test_matches_reference(
-    b, t, c, k, causal, norm, pad_mode, activation, dtype, device, check_output
+    b, t, c, k, causal, norm, pad_mode, activation, dtype, glu, device, check_output
 ):
+    """glu False: the input is the GLU output itself (a GEMM epilogue computed it)."""
     x2, w, bias, ln = _inputs(b, t, c, k, device, dtype)
+    if not glu:
+        x2 = F.glu(x2.float(), dim=-1).to(dtype)
     lengths = _lengths(b, t, device)
-    opts = dict(causal=causal, norm=norm, activation=activation, pad_mode=pad_mode, **ln)
+    opts = dict(causal=causal, norm=norm, activation=activation, pad_mode=pad_mode, glu=glu, **ln)
     out = torch.full((b, t, c), float("nan"), dtype=dtype, device=device)
     y = glu_depthwise_conv(x2, w, bias, lengths, out=out, **opts)
     gold = glu_depthwise_conv_ref(x2.float(), w, bias, lengths, **opts)
@@ -123,12 +127,15 @@ def test_reproduces_wenet_module(causal, device):
         torch.testing.assert_close(y[i, :n], expected[i, :n], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("glu", [True, False], ids=["glu", "glu_applied"])
 @pytest.mark.parametrize("pad_mode", ["zero", "wenet"])
 @pytest.mark.parametrize("k, chunks", [(8, [20, 17]), (15, [5, 4, 28])])
-def test_cache_equals_full_sequence(k, chunks, pad_mode, device):
+def test_cache_equals_full_sequence(k, chunks, pad_mode, glu, device):
     b, c, t = 2, 24, sum(chunks)
     x2, w, bias, ln = _inputs(b, t, c, k, device)
-    opts = dict(causal=True, norm="layer", pad_mode=pad_mode, **ln)
+    if not glu:
+        x2 = F.glu(x2, dim=-1)
+    opts = dict(causal=True, norm="layer", pad_mode=pad_mode, glu=glu, **ln)
     full, full_cache = glu_depthwise_conv_ref(x2, w, bias, None, return_cache=True, **opts)
     outs, cache, start = [], None, 0
     for n in chunks:
@@ -139,6 +146,20 @@ def test_cache_equals_full_sequence(k, chunks, pad_mode, device):
         start += n
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache, full_cache, atol=1e-6, rtol=1e-6)
+
+
+def test_glu_applied_reference_is_the_glu_reference(device):
+    """The reference on x2 equals the reference on F.glu(x2) with glu=False."""
+    x2, w, bias, ln = _inputs(2, 19, 8, 5, device)
+    lengths = _lengths(2, 19, device)
+    for causal in (False, True):
+        opts = dict(causal=causal, norm="layer", pad_mode="wenet", **ln)
+        torch.testing.assert_close(
+            glu_depthwise_conv_ref(F.glu(x2, dim=-1), w, bias, lengths, glu=False, **opts),
+            glu_depthwise_conv_ref(x2, w, bias, lengths, **opts),
+        )
+    with pytest.raises(ValueError, match=r"\(B, T, C\)"):
+        glu_depthwise_conv(x2[0], w, bias, None, causal=False, glu=False)
 
 
 def test_returned_cache_with_ragged_lengths(device):

@@ -6,6 +6,8 @@ import torch
 from speechrt.errors import UnsupportedOptionError
 from speechrt.kernels._utils import check_launch
 from speechrt.kernels.layer_norm import (
+    add_double_layer_norm,
+    add_double_layer_norm_ref,
     add_layer_norm,
     add_layer_norm_ref,
     layer_norm,
@@ -77,6 +79,41 @@ def test_add_layer_norm(rows, d, case, dtype, device, check_output):
     h_gold, y_gold = add_layer_norm_ref(x32, residual.float(), w, b, 1e-5, x_bias=xb32, scale=scale)
     h_torch, y_torch = add_layer_norm_ref(x, residual, w, b, 1e-5, x_bias=xb, scale=scale)
     check_output(h, h_gold, h_torch, residual.dtype)
+    check_output(y, y_gold, y_torch, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine2", [True, False])
+@pytest.mark.parametrize("rows, d", [(1, 5), (33, 123), (7, 256)])
+def test_add_double_layer_norm(rows, d, affine2, dtype, device, check_output):
+    """Add, LN1 stored in the float32 stream, LN2 of it: against the float64 formulas and the
+    plain-torch reference."""
+    x = torch.randn(2, rows, d, device=device).to(dtype)
+    residual = torch.randn(2, rows, d, device=device) * 4 + 1
+    xb = torch.randn(d, device=device).to(dtype)
+    ln1 = (*_params(d, device), 1e-5)
+    ln2 = (*_params(d, device), 1e-12) if affine2 else (None, None, 1e-5)
+    s_out = _nan(x.shape, torch.float32, device)
+    residual_before = residual.clone()
+    s, y = add_double_layer_norm(x, residual, ln1, ln2, x_bias=xb, scale=0.5, s_out=s_out)
+    assert s.data_ptr() == s_out.data_ptr() and s.dtype == torch.float32 and y.dtype == dtype
+    assert torch.equal(residual, residual_before)  # not updated in place: s went to s_out
+
+    def ln64(t, w, b, eps):
+        t = t.double()
+        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+        return t * (1 if w is None else w.double()) + (0 if b is None else b.double())
+
+    h64 = residual.double() + 0.5 * (x.double() + xb.double())
+    s64 = ln64(h64, *ln1)
+    torch.testing.assert_close(s.double(), s64, atol=2e-5, rtol=1e-5)
+    s_gold, y_gold = add_double_layer_norm_ref(
+        x, residual, ln1, ln2, x_bias=xb, scale=0.5, upcast=True
+    )
+    _, y_torch = add_double_layer_norm_ref(x, residual, ln1, ln2, x_bias=xb, scale=0.5)
+    if dtype == torch.float32:  # y normalises the stored s
+        torch.testing.assert_close(y.double(), ln64(s, *ln2), atol=2e-5, rtol=1e-5)
+    check_output(s, s_gold, s_gold, torch.float32)
     check_output(y, y_gold, y_torch, dtype)
 
 

@@ -16,6 +16,7 @@ from speechrt.kernels._utils import interpreting
 from speechrt.kernels.linear_act import (
     CONFIGS,
     LinearConfig,
+    interleave_glu,
     linear_act,
     linear_act_ref,
 )
@@ -132,6 +133,38 @@ def test_tensor_descriptor_rejects_float32(device):
         linear_act(x, w, b, config=TMA_SMALL[0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "config", [None, LinearConfig(16, 16, 16, 2, 4, 1), LinearConfig(32, 64, 32, 1, 4, 1)], ids=str
+)
+@pytest.mark.parametrize("shape, c", [((37, 40), 36), ((2, 17, 48), 100), ((5, 16), 8)])
+def test_glu_epilogue(shape, c, config, dtype, device, check_output):
+    """``glu`` on interleave_glu's layout against F.glu over the plain (values | gates) layer,
+    and against its float64 formula."""
+    x, w, b = _inputs(shape, 2 * c, device, dtype)
+    wi, bi = interleave_glu(w, b)
+    y = linear_act(x, wi, bi, "glu", config=config)
+    assert y.shape == (*shape[:-1], c) and y.dtype == dtype
+    h64 = x.double() @ w.double().T + b.double()
+    gold64 = h64[..., :c] * torch.sigmoid(h64[..., c:])
+    torch_y = torch.nn.functional.glu(torch.nn.functional.linear(x, w, b), dim=-1)
+    check_output(y, gold64.float(), torch_y, dtype, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(linear_act_ref(x, wi, bi, "glu"), torch_y)
+
+
+def test_interleave_glu_layout_and_errors(device):
+    w = torch.arange(12.0, device=device).view(6, 2)  # rows 0-2 values, 3-5 gates
+    wi, bi = interleave_glu(w, torch.arange(6.0, device=device))
+    assert wi[:, 0].tolist() == [0.0, 6.0, 2.0, 8.0, 4.0, 10.0]
+    assert bi.tolist() == [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+    assert interleave_glu(w, None)[1] is None
+    with pytest.raises(ValueError, match="2C"):
+        interleave_glu(w[:5], None)
+    x = torch.randn(3, 2, device=device)
+    with pytest.raises(ValueError, match="even"):
+        linear_act(x, w[:5], None, "glu")
+
+
 def test_strided_rows(device):
     base, w, b = _inputs((9, 2, 32), 24, device)
     x = base[:, 1]  # (9, 32), row stride 64
@@ -140,7 +173,7 @@ def test_strided_rows(device):
 
 def test_rejects_bad_inputs(device):
     x, w, b = _inputs((4, 8), 6, device)
-    with pytest.raises(UnsupportedOptionError, match="tanh"):
+    with pytest.raises(UnsupportedOptionError, match="tanh.*glu"):
         linear_act(x, w, b, "tanh")
     with pytest.raises(ValueError, match="weight"):
         linear_act(x, w[:, :7], b)
@@ -155,6 +188,20 @@ def test_imports_without_triton(import_without_triton):
     x, w, b = _inputs((4, 8), 6, "cpu")
     with pytest.raises(UnsupportedOptionError, match="triton"):
         module.linear_act(x, w, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [None, *(c for c in CONFIGS if not c.tma)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv_module_glu_shape(config, dtype, device, check_output):
+    """The Conformer conv module's pointwise conv + GLU (1000 rows, 256 -> 2 x 256; the
+    approximate-tanh sigmoid on the GPU) at every pointer-kernel config."""
+    x, w, b = _inputs((1000, 256), 512, device, dtype)
+    wi, bi = interleave_glu(w, b)
+    y = linear_act(x, wi, bi, "glu", config=config)
+    h = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    torch_y = torch.nn.functional.glu(torch.nn.functional.linear(x, w, b), dim=-1)
+    check_output(y, torch.nn.functional.glu(h, dim=-1), torch_y, dtype)
 
 
 @pytest.mark.gpu

@@ -64,8 +64,9 @@ def add_parser(sub) -> None:
         type=_switch,
         default=[],
         metavar="NAME=on|off",
-        help="conformer/moe: set a fused-encoder switch (triton_front, triton_ffn, "
-        "triton_add_ln, fp32_branches, tf32_attention, fused_ffn) before timing; repeatable",
+        help="conformer/moe: set a fused-encoder switch (triton_front, triton_ffn, triton_glu, "
+        "triton_linear, triton_add_ln, fp32_branches, tf32_attention, fused_ffn) before "
+        "timing; repeatable",
     )
     m = p.add_argument_group("moe")
     m.add_argument(

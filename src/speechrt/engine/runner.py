@@ -19,6 +19,8 @@ from speechrt.models.conformer.fused import FusedDecoder, FusedEncoder
 ENCODER_SWITCHES = (
     "triton_front",
     "triton_ffn",
+    "triton_glu",
+    "triton_linear",
     "triton_add_ln",
     "fp32_branches",
     "tf32_attention",

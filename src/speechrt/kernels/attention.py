@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels._pdl import pdl_enter, pdl_kwargs
 from speechrt.kernels._utils import MISSING_TL, MISSING_TRITON, check_launch, out_or_empty
 
 try:  # Triton is optional: the references work without it, the launchers need it.
@@ -126,8 +127,10 @@ def _attention_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     TF32_DOTS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # fmt: on
+    pdl_enter(USE_PDL)
     """One (query block, batch*head) program; online softmax over the visible key tiles.
 
     ``qk_scale`` is ``scale * log2(e)`` (softmax in base 2). Query i sits at key position
@@ -336,6 +339,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: torc
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 and not allow_tf32 else "tf32",
         UPCAST_DOT=(q.dtype == torch.bfloat16 or tf32_dots) and interpret,
         TF32_DOTS=tf32_dots and q.dtype != torch.float32,
+        **pdl_kwargs(q.device, grid[0] * grid[1]),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels._pdl import pdl_enter, pdl_kwargs
 from speechrt.kernels._utils import (
     MISSING_TL,
     MISSING_TRITON,
@@ -72,9 +73,12 @@ def _glu_dwconv_kernel(
     ZERO_PAD: tl.constexpr,
     LAYER_NORM: tl.constexpr,
     ACT: tl.constexpr,
+    GLU: tl.constexpr,  # X holds (value, gate) halves; else X is the GLU output (B, T, C)
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     pid_b = tl.program_id(1)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -93,9 +97,9 @@ def _glu_dwconv_kernel(
         s = t + (k - PAD_LEFT)  # input frame of tap k, (BLOCK_T,)
         m = ((s >= 0) & (s < end))[:, None] & c_ok[None, :]
         ptr = x_row + s.to(tl.int64)[:, None] * stride_xt + c[None, :]
-        a = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(ptr + C, mask=m, other=0.0).to(tl.float32)
-        u = a * tl.sigmoid(g)  # (BLOCK_T, BLOCK_C), 0 where masked
+        u = tl.load(ptr, mask=m, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_C), 0 masked
+        if GLU:
+            u = u * tl.sigmoid(tl.load(ptr + C, mask=m, other=0.0).to(tl.float32))
         if HAS_CACHE:
             cm = (s < 0)[:, None] & c_ok[None, :]
             cptr = CACHE + pid_b.to(tl.int64) * stride_cb + c[None, :] * stride_cc
@@ -172,25 +176,30 @@ def _check_options(
         raise UnsupportedOptionError(f"norm='layer' supports C <= {MAX_LAYER_NORM_C}, got {c}")
 
 
-def _glu_frames(x2: torch.Tensor, lengths: torch.Tensor | None, start: int, pad_mode: str):
-    """GLU outputs of frames [start, T) as (B, C, T - start) float32, zeroed per pad_mode."""
-    u = F.glu(x2[:, start:].float(), dim=-1)  # (B, T', C)
+def _glu_frames(
+    x2: torch.Tensor, lengths: torch.Tensor | None, start: int, pad_mode: str, glu: bool = True
+):
+    """GLU outputs of frames [start, T) as (B, C, T - start) float32, zeroed per pad_mode
+    (``glu`` False: x2 already holds them)."""
+    u = x2[:, start:].float()
+    if glu:
+        u = F.glu(u, dim=-1)  # (B, T', C)
     if lengths is not None and pad_mode == "zero":
         t = torch.arange(start, x2.shape[1], device=x2.device)
         u = u * (t[None, :] < lengths[:, None].to(x2.device))[..., None]
     return u.transpose(1, 2)  # (B, C, T')
 
 
-def _new_cache(x2, lengths, cache, k: int, pad_mode: str) -> torch.Tensor:
+def _new_cache(x2, lengths, cache, k: int, pad_mode: str, glu: bool = True) -> torch.Tensor:
     """Last K-1 GLU frames of [cache | this chunk] as (B, C, K-1)."""
     b, t, c2 = x2.shape
     dtype = cache.dtype if cache is not None else x2.dtype
-    tail = _glu_frames(x2, lengths, max(0, t - (k - 1)), pad_mode)  # (B, C, <=K-1)
+    tail = _glu_frames(x2, lengths, max(0, t - (k - 1)), pad_mode, glu)  # (B, C, <=K-1)
     if tail.shape[2] < k - 1:
         prev = (
             cache.float()
             if cache is not None
-            else torch.zeros(b, c2 // 2, k - 1, device=x2.device, dtype=torch.float32)
+            else torch.zeros(b, c2 // 2 if glu else c2, k - 1, device=x2.device)
         )
         tail = torch.cat([prev, tail], dim=2)[:, :, tail.shape[2] :]  # (B, C, K-1)
     return tail.to(dtype)
@@ -212,11 +221,15 @@ def glu_depthwise_conv(
     cache: torch.Tensor | None = None,
     return_cache: bool = False,
     out: torch.Tensor | None = None,
+    glu: bool = True,
+    block: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused GLU + depthwise conv1d over time + norm + activation (module docstring: padding).
 
     Args:
-        x2: (B, T, 2C) output of pointwise_conv1, unit stride on the last dim.
+        x2: (B, T, 2C) output of pointwise_conv1, unit stride on the last dim; with ``glu``
+            False its GLU output (B, T, C) instead (computed in the GEMM's epilogue by
+            ``linear_act(..., "glu")``).
         weight: (C, K) or (C, 1, K) depthwise weight; bias: (C,).
         lengths: (B,) int valid frames per row, or None for all T.
         causal: left padding K-1 (any K) instead of symmetric (K-1)//2 (odd K).
@@ -226,15 +239,18 @@ def glu_depthwise_conv(
         cache: (B, C, K-1) GLU outputs preceding this chunk (causal only), else zeros.
         return_cache: also return the new (B, C, K-1) cache (dtype of cache, else of x2).
         out: optional contiguous (B, T, C) tensor of x2's dtype.
+        block: (BLOCK_T, BLOCK_C) launch tiles, powers of two (benchmarks sweep them; BLOCK_C
+            is the whole of C for norm="layer"); None picks them.
     Returns:
         y: (B, T, C) in x2's dtype, zero at frames t >= lengths[b]; and the cache if asked.
     """
     tensors = (x2, weight, bias, lengths, cache, ln_weight, ln_bias)
     check_launch(_glu_dwconv_kernel, *(t_ for t_ in tensors if t_ is not None))
     check_float("x2", x2)
-    if x2.dim() != 3 or x2.shape[2] % 2 != 0 or x2.stride(2) != 1:
-        raise ValueError(f"x2 must be (B, T, 2C) with unit last stride, got {tuple(x2.shape)}")
-    b, t, c = x2.shape[0], x2.shape[1], x2.shape[2] // 2
+    if x2.dim() != 3 or (glu and x2.shape[2] % 2 != 0) or x2.stride(2) != 1:
+        want = "(B, T, 2C)" if glu else "(B, T, C)"
+        raise ValueError(f"x2 must be {want} with unit last stride, got {tuple(x2.shape)}")
+    b, t, c = x2.shape[0], x2.shape[1], x2.shape[2] // (2 if glu else 1)
     w = weight.reshape(c, -1)  # (C, K)
     k = w.shape[1]
     _check_options(c, k, causal, norm, activation, pad_mode, cache, return_cache)
@@ -266,24 +282,48 @@ def glu_depthwise_conv(
             norm,
             activation,
             pad_mode,
+            glu,
+            block,
         )
     if return_cache:
-        return y, _new_cache(x2, lengths, cache, k, pad_mode)
+        return y, _new_cache(x2, lengths, cache, k, pad_mode, glu)
     return y
 
 
 def _launch(
-    x2, w, bias, lengths, cache, ln_weight, ln_bias, ln_eps, y, causal, norm, activation, pad_mode
+    x2,
+    w,
+    bias,
+    lengths,
+    cache,
+    ln_weight,
+    ln_bias,
+    ln_eps,
+    y,
+    causal,
+    norm,
+    activation,
+    pad_mode,
+    glu,
+    block,
 ) -> None:
     b, t, c = y.shape
     k = w.shape[1]
     layer = norm == "layer"
-    # Tuned on an H200 at B=64, T=256, C=256, K=15 (Triton 3.6).
+    # Tuned on an H200 at B=64, T=256, C=256, K=15 (Triton 3.6). The GLU output as input (no
+    # sigmoid per tap, half the bytes) is fastest with whole 256-channel rows and 4 frames:
+    # 10.8 / 23.4 us at 64 x 63 / 64 x 255 frames vs 16.8 / 43.1 with the 8 x 64 tiles.
     if layer:  # one program holds all of C
         block_c = next_power_of_2(c)
         block_t = max(1, min(16, 4096 // block_c))
-    else:
+    elif glu:
         block_c, block_t = min(next_power_of_2(c), 64), 8
+    else:
+        block_c, block_t = min(next_power_of_2(c), 256), 4
+    if block is not None:
+        block_t, block_c = block
+        if layer and block_c < c:
+            raise ValueError(f"norm='layer' needs BLOCK_C >= C = {c}, got {block_c}")
     grid = (cdiv(t, block_t), b, cdiv(c, block_c))
     has_cache = cache is not None and k > 1
     _glu_dwconv_kernel[grid](
@@ -312,9 +352,11 @@ def _launch(
         ZERO_PAD=pad_mode == "zero",
         LAYER_NORM=layer,
         ACT=ACTIVATIONS[activation],
+        GLU=glu,
         BLOCK_T=block_t,
         BLOCK_C=block_c,
         num_warps=8 if block_t * block_c >= 2048 else 4,
+        **pdl_kwargs(y.device, grid[0] * grid[1] * grid[2]),
     )
 
 
@@ -344,13 +386,15 @@ def glu_depthwise_conv_ref(
     cache: torch.Tensor | None = None,
     return_cache: bool = False,
     upcast: bool = False,
+    glu: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain torch (F.glu + F.conv1d(groups=C) + norm + activation) ``glu_depthwise_conv``.
 
-    ``upcast`` computes in float32 and casts the outputs back to x2's (cache's) dtype.
+    ``upcast`` computes in float32 and casts the outputs back to x2's (cache's) dtype; ``glu``
+    False: x2 is the GLU output (B, T, C).
     """
     dtype, cdtype = x2.dtype, (cache.dtype if cache is not None else x2.dtype)
-    b, t, c = x2.shape[0], x2.shape[1], x2.shape[2] // 2
+    b, t, c = x2.shape[0], x2.shape[1], x2.shape[2] // (2 if glu else 1)
     w = weight.reshape(c, 1, -1)  # (C, 1, K)
     k = w.shape[2]
     _check_options(c, k, causal, norm, activation, pad_mode, cache, return_cache)
@@ -359,7 +403,7 @@ def glu_depthwise_conv_ref(
         cache = cache.float() if cache is not None else None
         ln_weight = ln_weight.float() if ln_weight is not None else None
         ln_bias = ln_bias.float() if ln_bias is not None else None
-    u = F.glu(x2, dim=-1)  # (B, T, C)
+    u = F.glu(x2, dim=-1) if glu else x2  # (B, T, C)
     if lengths is not None:
         valid = torch.arange(t, device=x2.device)[None, :] < lengths[:, None].to(x2.device)
         if pad_mode == "zero":

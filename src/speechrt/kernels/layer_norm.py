@@ -9,6 +9,7 @@ D <= 16384).
 import torch
 import torch.nn.functional as F
 
+from speechrt.kernels._pdl import pdl_enter, pdl_kwargs
 from speechrt.kernels._utils import (
     MISSING_TL,
     MISSING_TRITON,
@@ -30,14 +31,31 @@ MAX_BLOCK_D = 16384
 
 
 @triton.jit
+def _normalize(x, col_ok, D, eps, W, B, cols, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """LayerNorm of the float32 rows of x (BLOCK_M, BLOCK_D), zero outside col_ok; returns the
+    affine output in float32 (zero outside col_ok)."""
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(col_ok[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    y = xc * (1.0 / tl.sqrt(var + eps))[:, None]
+    if HAS_W:
+        y *= tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
 def _layer_norm_kernel(
     X,  # (rows, D) input, row stride stride_x
     R,  # (rows, D) residual (read only when HAS_RESIDUAL)
     XB,  # (D,) bias added to X before scaling (HAS_XBIAS)
     W,  # (D,) LayerNorm weight (HAS_W)
     B,  # (D,) LayerNorm bias (HAS_B)
-    H,  # (rows, D) new residual stream (written when HAS_RESIDUAL)
-    Y,  # (rows, D) normalised output
+    W2,  # (D,) second LayerNorm's weight (HAS_LN2 and HAS_W2)
+    B2,  # (D,) second LayerNorm's bias (HAS_LN2 and HAS_B2)
+    H,  # (rows, D) new residual stream (HAS_RESIDUAL), or the first LayerNorm's output (HAS_LN2)
+    Y,  # (rows, D) normalised output (of the second LayerNorm with HAS_LN2)
     stride_x,
     stride_r,
     stride_h,
@@ -45,14 +63,20 @@ def _layer_norm_kernel(
     n_rows,
     D,
     eps,
+    eps2,
     scale,
     HAS_RESIDUAL: tl.constexpr,
     HAS_XBIAS: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    HAS_LN2: tl.constexpr,
+    HAS_W2: tl.constexpr,
+    HAS_B2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -64,16 +88,14 @@ def _layer_norm_kernel(
             x += tl.load(XB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         r = tl.load(R + rows * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = (r + scale * x).to(H.dtype.element_ty)
-        tl.store(H + rows * stride_h + cols[None, :], h, mask=mask)
+        if not HAS_LN2:
+            tl.store(H + rows * stride_h + cols[None, :], h, mask=mask)
         x = h.to(tl.float32)  # normalise exactly the stored residual stream
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / D
-    y = xc * (1.0 / tl.sqrt(var + eps))[:, None]
-    if HAS_W:
-        y *= tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_B:
-        y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y = _normalize(x, col_ok, D, eps, W, B, cols, HAS_W, HAS_B)
+    if HAS_LN2:  # the first LayerNorm's output is stored, and normalised as stored
+        s = y.to(H.dtype.element_ty)
+        tl.store(H + rows * stride_h + cols[None, :], s, mask=mask)
+        y = _normalize(s.to(tl.float32), col_ok, D, eps2, W2, B2, cols, HAS_W2, HAS_B2)
     tl.store(Y + rows * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -93,15 +115,18 @@ def _launch(
     h_out: torch.Tensor | None,
     y_out: torch.Tensor | None,
     y_dtype: torch.dtype | None = None,
+    ln2: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    tensors = (x, residual, x_bias, weight, bias)
+    w2, b2, eps2 = ln2 if ln2 is not None else (None, None, 0.0)
+    tensors = (x, residual, x_bias, weight, bias, w2, b2)
     check_launch(_layer_norm_kernel, *(t for t in tensors if t is not None))
     check_float("x", x)
     d = x.shape[-1]
     block_d = next_power_of_2(d)
     if block_d > MAX_BLOCK_D:
         raise ValueError(f"layer_norm supports rows of at most {MAX_BLOCK_D} elements, got {d}")
-    for name, p in (("x_bias", x_bias), ("weight", weight), ("bias", bias)):
+    params = (("x_bias", x_bias), ("weight", weight), ("bias", bias), ("ln2 weight", w2))
+    for name, p in (*params, ("ln2 bias", b2)):
         _check_param(name, p, d)
     x2d = as_rows(x)  # (rows, D)
     n_rows = x2d.shape[0]
@@ -125,6 +150,8 @@ def _launch(
         x_bias if x_bias is not None else x2d,
         weight if weight is not None else x2d,
         bias if bias is not None else x2d,
+        w2 if w2 is not None else x2d,
+        b2 if b2 is not None else x2d,
         h2d if h2d is not None else y2d,
         y2d,
         x2d.stride(0),
@@ -134,14 +161,19 @@ def _launch(
         n_rows,
         d,
         float(eps),
+        float(eps2),
         float(scale),
         HAS_RESIDUAL=residual is not None,
         HAS_XBIAS=x_bias is not None,
         HAS_W=weight is not None,
         HAS_B=bias is not None,
+        HAS_LN2=ln2 is not None,
+        HAS_W2=w2 is not None,
+        HAS_B2=b2 is not None,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
         num_warps=min(16, max(1, tile // 512)),
+        **pdl_kwargs(x.device, cdiv(n_rows, block_m)),
     )
     return h, y
 
@@ -201,6 +233,40 @@ def add_layer_norm(
     return h, y
 
 
+def add_double_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    ln1: tuple[torch.Tensor | None, torch.Tensor | None, float],
+    ln2: tuple[torch.Tensor | None, torch.Tensor | None, float],
+    *,
+    x_bias: torch.Tensor | None = None,
+    scale: float = 1.0,
+    s_out: torch.Tensor | None = None,
+    y_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and two LayerNorms in a row, one kernel: ``s = LN1(residual + scale * (x +
+    x_bias))``, ``y = LN2(s)``. The Conformer block's last sublayer ends with norm_final, whose
+    output is the next block's residual stream (s), which that block normalises at once
+    (norm_ff_macaron, or the encoder's final norm after the last block: y). The sum h is not
+    stored.
+
+    Sums and statistics run in float32; s is rounded to residual's dtype and y normalises that
+    rounded s, so ``y == layer_norm(s)`` up to float32 rounding.
+
+    Args:
+        x, residual: (..., D) branch output and residual stream, as :func:`add_layer_norm`.
+        ln1, ln2: (weight (D,) or None, bias (D,) or None, eps) of the two LayerNorms.
+        x_bias, scale: as :func:`add_layer_norm`.
+        s_out: optional contiguous (..., D) tensor of residual's dtype to write s into.
+    Returns:
+        s: (..., D) LN1(h) in residual's dtype.
+        y: (..., D) LN2(s) in ``y_dtype`` (default x's dtype).
+    """
+    w, b, eps = ln1
+    s, y = _launch(x, residual, x_bias, w, b, eps, scale, s_out, None, y_dtype, ln2=ln2)
+    return s, y
+
+
 def layer_norm_ref(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -239,3 +305,26 @@ def add_layer_norm_ref(
     h = (residual + scale * x).to(h_dtype)
     y = layer_norm_ref(h.float() if upcast else h, weight, bias, eps)
     return h, y.to(y_dtype)
+
+
+def add_double_layer_norm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    ln1: tuple[torch.Tensor | None, torch.Tensor | None, float],
+    ln2: tuple[torch.Tensor | None, torch.Tensor | None, float],
+    *,
+    x_bias: torch.Tensor | None = None,
+    scale: float = 1.0,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch ``add_double_layer_norm``: the add, LN1 rounded to residual's dtype (as the
+    kernel stores it), LN2 of that; ``upcast`` computes in float32."""
+    h_dtype, y_dtype = residual.dtype, x.dtype
+    if upcast:
+        x, residual = x.float(), residual.float()
+    if x_bias is not None:
+        x = x + x_bias.to(x.dtype)
+    h = (residual + scale * x).to(h_dtype)
+    s = layer_norm_ref(h.float() if upcast else h, *ln1).to(h_dtype)
+    y = layer_norm_ref(s.float() if upcast else s, *ln2)
+    return s, y.to(y_dtype)

@@ -7,8 +7,9 @@ they read, so those stay in L2), a K loop of ``tl.dot`` with float32 accumulatio
 products for float32 inputs, tensor cores for float16/bfloat16), then bias and activation in
 float32 and one rounding to the input dtype.
 
-A second kernel for float16/bfloat16 on compute capability 9.0+ (:data:`TMA_CONFIG`, the default
-from K = :data:`TMA_MIN_K`) is persistent: one program per SM walks the tiles in the same grouped
+A second kernel for float16/bfloat16 on compute capability 9.0+ (the default there:
+:data:`TMA_CONFIG` from K = :data:`TMA_MIN_K`, :data:`TMA_CONFIG_SMALL_K` below when its tiles
+number at least half the SMs) is persistent: one program per SM walks the tiles in the same grouped
 order, reads both operands and writes the output through TMA tensor descriptors, and its
 flattened tile loop issues the next tile's loads under the current tile's epilogue.
 
@@ -25,7 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from speechrt.errors import UnsupportedOptionError
-from speechrt.kernels._activations import ACTIVATIONS, activate
+from speechrt.kernels._activations import (
+    ACTIVATIONS,
+    activate,
+    epilogue_code,
+    fast_epilogue,
+    fast_sigmoid,
+)
+from speechrt.kernels._pdl import pdl_enter, pdl_kwargs
 from speechrt.kernels._utils import (
     MISSING_TL,
     MISSING_TRITON,
@@ -46,7 +54,14 @@ try:  # Triton is optional: the reference works without it, the launcher needs i
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton, tl = MISSING_TRITON, MISSING_TL
 
-__all__ = ["ACTIVATIONS", "CONFIGS", "LinearConfig", "linear_act", "linear_act_ref"]
+__all__ = [
+    "ACTIVATIONS",
+    "CONFIGS",
+    "LinearConfig",
+    "interleave_glu",
+    "linear_act",
+    "linear_act_ref",
+]
 
 # Activation codes of the epilogue (a constexpr).
 
@@ -123,13 +138,16 @@ def _linear_act_kernel(
     stride_ym,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
+    GLU: tl.constexpr,  # 0: no GLU; 1/2: interleaved (a, gate) columns -> a * sigmoid(gate)
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,7 +166,16 @@ def _linear_act_kernel(
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)  # w: (BLOCK_K, BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    acc = activate(acc, ACT)
+    if GLU:  # column 2j is a_j, 2j + 1 its gate: each thread holds both of a pair
+        a, gate = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+        if GLU == 2:
+            acc = a * fast_sigmoid(gate)
+        else:
+            acc = a * tl.sigmoid(gate)
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        col_ok = cols < N // 2
+    else:
+        acc = activate(acc, ACT)
     y = Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
     tl.store(y, acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -172,7 +199,9 @@ def _linear_act_tma_kernel(
     GROUP_M: tl.constexpr,
     PROGRAMS: tl.constexpr,
     SPLIT_STORE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     # Persistent: program p takes tiles p, p + PROGRAMS, ...; the flattened loop lets the
     # pipeliner issue the next tile's first loads while this tile's epilogue runs. Rows and
     # columns past M, N, K read as zeros and are not stored (the descriptors clip).
@@ -231,7 +260,7 @@ def _launch_tma(x2d, weight, bias, y2d, act: int, cfg: LinearConfig) -> None:
         x_desc, w_desc, y_desc, bias if bias is not None else weight, m, n, k,
         HAS_BIAS=bias is not None, ACT=act, **dot_precision(x2d.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PROGRAMS=programs, SPLIT_STORE=cfg.split_store,
+        PROGRAMS=programs, SPLIT_STORE=cfg.split_store, **pdl_kwargs(x2d.device, tiles),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -241,25 +270,34 @@ def _launch_tma(x2d, weight, bias, y2d, act: int, cfg: LinearConfig) -> None:
 # benchmark can compare both in one process) returns to the pointer kernel.
 TMA_DEFAULT = True
 TMA_CONFIG = LinearConfig(256, 128, 64, 8, 8, 3, tma=True, split_store=True)
-# Below this K the pointer kernel is faster (H200, fp16: 16,384 x 256 -> 2048 0.116 vs 0.127 ms
-# at the best descriptor tiles; 24,000 x 1280 -> 5120 0.76 vs 0.71 ms).
+# Below this K (the Conformer's K = 256 GEMMs) the descriptor kernel takes 128 x 256 tiles when
+# they give at least half as many tiles as SMs: with the approximate-tanh swish
+# (_activations.FAST_SWISH) it beats the pointer kernel's best tiles (H200, fp16, 256 -> 2048 +
+# swish: 17.0 vs 20.1 us at 4,032 rows, 52.4 vs 63.1 at 16,320; 256 -> 256: 11.2 vs 15.8 us at
+# 16,320 rows, cuBLAS 17.7).
 TMA_MIN_K = 512
+TMA_CONFIG_SMALL_K = LinearConfig(128, 256, 64, 8, 8, 3, tma=True, split_store=True)
 
 
 def _default_config(
     m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, tma: bool | None = None
 ) -> LinearConfig:
-    """Half precision on compute capability 9.0+ and K >= :data:`TMA_MIN_K`: :data:`TMA_CONFIG`
-    (when ``tma`` allows).
+    """Half precision on compute capability 9.0+ (when ``tma`` allows): :data:`TMA_CONFIG`
+    from K = :data:`TMA_MIN_K`, :data:`TMA_CONFIG_SMALL_K` below when its tiles number at least
+    half the SMs.
     Otherwise tiles 128 x 128 x 64, 8 warps, 3 stages -- fastest of the pointer kernel's sweep at
     every measured row count (256..16384 rows x 2048 x 256, fp16, H200: 1.0-1.43x cuBLAS linear
     + separate SiLU)."""
     if tma is None:
         tma = TMA_DEFAULT and os.environ.get("SPEECHRT_LINEAR_TMA", "1") != "0"
-    tma = tma and k >= TMA_MIN_K and dtype != torch.float32
+    tma = tma and dtype != torch.float32
     if tma and device.type == "cuda" and not interpreting():
         if torch.cuda.get_device_capability(device) >= (9, 0):
-            return TMA_CONFIG
+            if k >= TMA_MIN_K:
+                return TMA_CONFIG
+            small = TMA_CONFIG_SMALL_K
+            if cdiv(m, small.block_m) * cdiv(n, small.block_n) >= sm_count(device) // 2:
+                return small
     if interpreting():  # few, large programs: the interpreter's cost is per program and op
         bm = max(16, min(256, next_power_of_2(m)))
         bn = max(16, min(256, next_power_of_2(n)))
@@ -284,17 +322,23 @@ def linear_act(
     Args:
         x: (..., K) float32/float16/bfloat16.
         weight: (N, K) in x's dtype (``nn.Linear`` layout); bias: (N,) or None.
-        activation: one of :data:`ACTIVATIONS` (swish = silu, gelu is the erf form).
-        out: optional preallocated contiguous (..., N) output in ``out_dtype``.
+        activation: one of :data:`ACTIVATIONS` (swish = silu, gelu is the erf form), or
+            ``"glu"``: ``a * sigmoid(gate)`` of the pairs of output columns (2j, 2j + 1), for a
+            weight and bias laid out by :func:`interleave_glu` (the output is (..., N / 2)).
+        out: optional preallocated contiguous (..., N) output (N / 2 for glu) in ``out_dtype``.
         out_dtype: output dtype (default x's): e.g. float32 keeps a branch that feeds a float32
             residual stream unrounded.
         config: launch configuration (benchmarks sweep :data:`CONFIGS`); None picks one.
     Returns:
-        (..., N) in ``out_dtype``; accumulation, bias and activation in float32.
+        (..., N) in ``out_dtype``; accumulation, bias and activation in float32. Swish and
+        glu's sigmoid go through the approximate tanh where the result is rounded to
+        float16/bfloat16 on a GPU (:func:`~speechrt.kernels._activations.fast_epilogue`).
     """
-    if activation not in ACTIVATIONS:
+    glu = activation == "glu"
+    if not glu and activation not in ACTIVATIONS:
         raise UnsupportedOptionError(
-            f"activation '{activation}' has no fused linear kernel ({', '.join(ACTIVATIONS)})"
+            f"activation '{activation}' has no fused linear kernel "
+            f"({', '.join((*ACTIVATIONS, 'glu'))})"
         )
     check_float("x", x)
     x2d = as_rows(x)  # (M, K)
@@ -306,31 +350,54 @@ def linear_act(
         raise ValueError(f"weight is {weight.dtype} but x is {x.dtype}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be ({n},), got {tuple(bias.shape)}")
-    y = out_or_empty(out, (*x.shape[:-1], n), out_dtype or x.dtype, x.device)
+    if glu and n % 2:
+        raise ValueError(f"a glu weight has an even number of rows (interleave_glu), got {n}")
+    n_out = n // 2 if glu else n
+    y = out_or_empty(out, (*x.shape[:-1], n_out), out_dtype or x.dtype, x.device)
     check_launch(_linear_act_kernel, *(t for t in (x2d, weight, bias) if t is not None))
     if m == 0 or n == 0:
         return y
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    cfg = config or _default_config(m, n, k, x.dtype, x.device)
+    fast = fast_epilogue(y.dtype, x.device)
+    act = 0 if glu else epilogue_code(activation, y.dtype, x.device)
+    cfg = config or _default_config(m, n, k, x.dtype, x.device, tma=False if glu else None)
     if cfg.tma:
         if x.dtype == torch.float32:
             raise UnsupportedOptionError("the tensor-descriptor linear_act runs float16/bfloat16")
+        if glu:
+            raise UnsupportedOptionError("the tensor-descriptor linear_act has no glu epilogue")
         y2d = y.view(m, n)
         if _tma_ok(x2d, weight, y2d):
-            _launch_tma(x2d, weight, bias, y2d, ACTIVATIONS[activation], cfg)
+            _launch_tma(x2d, weight, bias, y2d, act, cfg)
             return y
         cfg = _default_config(m, n, k, x.dtype, x.device, tma=False)
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
     _linear_act_kernel[grid](
         x2d, weight, bias if bias is not None else weight, y,
-        m, n, k, x2d.stride(0), weight.stride(0), n,
-        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation],
+        m, n, k, x2d.stride(0), weight.stride(0), n_out,
+        HAS_BIAS=bias is not None, ACT=act, GLU=(2 if fast else 1) if glu else 0,
         **dot_precision(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_kwargs(x.device, grid[0]), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
+
+
+def interleave_glu(
+    weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A GLU layer's (2C, K) weight and (2C,) bias (rows [0, C) the values, [C, 2C) the gates,
+    as ``F.glu(dim=-1)`` splits them) reordered to (value_0, gate_0, value_1, gate_1, ...):
+    the layout ``linear_act(..., "glu")`` reads."""
+    if weight.dim() != 2 or weight.shape[0] % 2:
+        raise ValueError(f"a GLU weight is (2C, K), got {tuple(weight.shape)}")
+    c = weight.shape[0] // 2
+
+    def pairs(t):
+        return t.view(2, c, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
+
+    return pairs(weight), None if bias is None else pairs(bias)
 
 
 _TORCH_ACT = {
@@ -339,6 +406,7 @@ _TORCH_ACT = {
     "silu": F.silu,
     "relu": F.relu,
     "gelu": F.gelu,
+    "glu": lambda h: h[..., 0::2] * torch.sigmoid(h[..., 1::2]),  # interleave_glu's layout
 }
 
 
@@ -351,7 +419,8 @@ def linear_act_ref(
 ) -> torch.Tensor:
     """Plain torch ``act(F.linear(x, weight, bias))`` in x's dtype (float32 with ``upcast``).
 
-    x (..., K), weight (N, K), bias (N,) or None -> (..., N).
+    x (..., K), weight (N, K), bias (N,) or None -> (..., N) ((..., N / 2) for ``"glu"``, whose
+    weight is in :func:`interleave_glu`'s layout).
     """
     act = _TORCH_ACT.get(activation)
     if act is None:

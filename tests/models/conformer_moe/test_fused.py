@@ -262,12 +262,13 @@ def test_facade_default_engine(models):
 
 def test_loader_keeps_one_copy_in_half_precision(models):
     """Loading in FP16: the engine reads the experts (and every weight it can use as stored)
-    from the network's parameters; only fused Q/K/V, the conv front and LayerNorms are its own."""
+    from the network's parameters; only fused Q/K/V, the GLU-interleaved pw1, the conv front and
+    LayerNorms are its own."""
     model = load_conformer_moe(models[0], device=DEVICE, dtype="fp16", engine="fused")
     assert model.net.moe_layers()[0].w1.dtype == torch.float16
     rep = model.engine.weight_report()
     assert rep.private_bytes_of("moe_") == 0
-    own = ("qkv", "ckv", "_front", "norm", "conv_ln", "cmvn")
+    own = ("qkv", "ckv", "pw1_wi", "pw1_bi", "_front", "norm", "conv_ln", "cmvn")
     assert all(any(k in part for k in own) for part in rep.private_by_part), rep.private_by_part
 
 

@@ -13,9 +13,12 @@ Each pre-norm Conformer block runs as::
     x, y = add_LN(w2(act(w1 y)), x, LN_attn, bias=b2, scale=0.5)
     x, y = add_LN(out(attn(qkv y)), x, LN_conv, bias=b_out)
     x, y = add_LN(pw2(glu_dwconv_bn_act(pw1 y)), x, LN_ff, bias=b_pw2)
-    x, _ = add_LN(w2(act(w1 y)), x, LN_final, bias=b2, scale=0.5)   -> block output
+    x, y = add_LN_LN(w2(act(w1 y)), x, LN_final, LN_mac', bias=b2, scale=0.5)
 
-With ``fused_ffn`` each of the two FFN lines runs as one kernel, its hidden activations on chip.
+where the last line's first LayerNorm is the block's output (the next block's stream) and the
+second is the next block's LN_mac (after the last block: the encoder's final norm), one kernel.
+With ``triton_glu`` the conv line's pw1 runs with the GLU in its epilogue. With ``fused_ffn``
+each of the two FFN lines runs as one kernel, its hidden activations on chip.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from speechrt.kernels.conv_subsampling import (
 )
 from speechrt.kernels.fused_ffn import ffn_add_layer_norm
 from speechrt.kernels.gemm import linear_fp32_out, mm_fp32_out_supported
-from speechrt.kernels.layer_norm import add_layer_norm, layer_norm
-from speechrt.kernels.linear_act import linear_act
+from speechrt.kernels.layer_norm import add_double_layer_norm, add_layer_norm, layer_norm
+from speechrt.kernels.linear_act import interleave_glu, linear_act
 from speechrt.kernels.linear_add_layer_norm import MAX_D as ADD_LN_MAX_D
 from speechrt.kernels.linear_add_layer_norm import linear_add_layer_norm
 from speechrt.kernels.log_softmax import linear_log_softmax
@@ -143,6 +146,19 @@ class FusedEncoder:
     separate activation kernel. None (default): on for CUDA weights with Triton installed (1.0-1.4x
     the cuBLAS GEMM + SiLU kernel at every measured size, BENCHMARKS.md); also an attribute.
 
+    ``triton_glu``: run the conv module's pointwise conv 1 with the GLU in its epilogue
+    (``linear_act(..., "glu")`` on rows interleaved by
+    :func:`~speechrt.kernels.linear_act.interleave_glu`), so the depthwise-conv kernel reads the
+    (rows, C) GLU output instead of (rows, 2C) and computes no sigmoid per tap. None (default):
+    on for CUDA weights with Triton installed; also an attribute.
+
+    ``triton_linear``: run the block's GEMMs of K = D -- packed Q/K/V, the attention output and
+    the conv module's pw2 -- on :func:`~speechrt.kernels.linear_act.linear_act` (no activation;
+    the persistent tensor-descriptor kernel at enough rows) instead of cuBLAS. Default off: alone
+    the GEMM is faster (H200, fp16, 256 -> 256 at 16,320 rows: 11.2 vs 17.7 us; equal at 4,032),
+    but the encoder gained nothing (64 x 1024 frames 4.52 vs 4.54 ms, 64 x 256 1.52 vs 1.49,
+    16 x 1024 1.57 vs 1.54); also an attribute.
+
     ``triton_add_ln``: run the four GEMM -> residual add + LayerNorm sites of every block
     (macaron FFN w2, attention output, conv pw2, FFN w2) as one
     :func:`~speechrt.kernels.linear_add_layer_norm.linear_add_layer_norm` kernel each (bias,
@@ -187,6 +203,8 @@ class FusedEncoder:
         pad_mode: str = "zero",
         triton_front: bool | None = None,
         triton_ffn: bool | None = None,
+        triton_glu: bool | None = None,
+        triton_linear: bool = False,
         triton_add_ln: bool | None = None,
         fp32_branches: bool | None = None,
         tf32_attention: bool = False,
@@ -204,6 +222,10 @@ class FusedEncoder:
         if triton_ffn is None:  # measured faster than cuBLAS + a SiLU kernel on the H200
             triton_ffn = enc.final_norm.weight.is_cuda and triton_importable()
         self.triton_ffn = triton_ffn
+        if triton_glu is None:
+            triton_glu = enc.final_norm.weight.is_cuda and triton_importable()
+        self.triton_glu = triton_glu
+        self.triton_linear = triton_linear
         if triton_add_ln is None:
             triton_add_ln = (
                 self.dtype == torch.bfloat16
@@ -355,6 +377,7 @@ class FusedEncoder:
             "norm_final": _norm(layer.norm_final),
             **self._prepare_ff(layer.ff),
         }
+        blk["pw1_wi"], blk["pw1_bi"] = interleave_glu(blk["pw1_w"], blk["pw1_b"])
         if c.norm_type == "batch_norm":
             bn = c.norm
             w, b = fold_batch_norm(
@@ -427,7 +450,7 @@ class FusedEncoder:
         z = self._ffn_hidden(y, w1, b1)
         return self._linear_add_ln(z, w2, x, n, b2, scale, y_dtype=y_dtype)
 
-    def _linear_add_ln(self, z, w, x, n, bias, scale=1.0, y_dtype=None):
+    def _linear_add_ln(self, z, w, x, n, bias, scale=1.0, y_dtype=None, triton=False):
         """z (B, T, K) @ w^T (D, K): residual ``x + scale * (z w^T + bias)`` and its
         LayerNorm ``n`` -> (x (B, T, D), y (B, T, D) in y_dtype, default the compute dtype).
         The fused kernel updates x in place; the unfused path allocates a new x."""
@@ -435,35 +458,58 @@ class FusedEncoder:
             return linear_add_layer_norm(
                 z, w, x, n.weight, n.bias, n.eps, bias=bias, scale=scale, y_dtype=y_dtype
             )
-        branch = linear_fp32_out(z, w) if self._branches_in_residual_dtype() else F.linear(z, w)
+        branch = self._branch(z, w, triton)
         return add_layer_norm(
             branch, x, n.weight, n.bias, n.eps, x_bias=bias, scale=scale,
             y_dtype=y_dtype or self.dtype,
         )  # fmt: skip
 
-    def _second_ffn_add_ln(self, x, y, blk, ff_context):
+    def _branch(self, z, w, triton=False):
+        """z @ w^T, a residual branch without its bias: float32 from the accumulator when
+        :meth:`_branches_in_residual_dtype`, else in the compute dtype; ``triton``: on
+        ``linear_act`` instead of cuBLAS (``triton_linear``)."""
+        fp32 = self._branches_in_residual_dtype()
+        if triton:
+            return linear_act(z, w, None, "identity", out_dtype=torch.float32 if fp32 else None)
+        return linear_fp32_out(z, w) if fp32 else F.linear(z, w)
+
+    def _second_ffn_add_ln(self, x, y, blk, ff_context, nxt):
         """Second FFN of the block on norm_ff's output y (B, T', D), residual add (scale 0.5) and
-        norm_final -> norm_final's output (B, T', D) in the residual dtype (the next block's
-        stream). ff_context: the encoder's side input (unused by the dense FFN)."""
+        norm_final -> (norm_final's output (B, T', D) in the residual dtype: the next block's
+        stream; its LayerNorm ``nxt`` = (norm, dtype), see :meth:`_add_final_norm`).
+        ff_context: the encoder's side input (unused by the dense FFN)."""
         w1, b1, w2, b2 = blk["ff_w1"], blk["ff_b1"], blk["ff_w2"], blk["ff_b2"]
-        n = blk["norm_final"]
-        return self._ffn_add_ln(y, w1, b1, w2, b2, x, n, 0.5, y_dtype=self.residual_dtype)[1]
+        if self._fuse_ffn(x) or self._fuse_add_ln(x):  # norm_final in the fused epilogue
+            n = blk["norm_final"]
+            x = self._ffn_add_ln(y, w1, b1, w2, b2, x, n, 0.5, y_dtype=self.residual_dtype)[1]
+            n, dtype = nxt
+            return x, layer_norm(x, n.weight, n.bias, n.eps, y_dtype=dtype)
+        f = self._branch(self._ffn_hidden(y, w1, b1), w2)
+        return self._add_final_norm(f, x, blk, nxt, b2)
 
-    def _add_final_norm(self, f, x, blk, f_bias=None):
-        """norm_final(x + 0.5 * (f + f_bias)) in the residual dtype: for a subclass's FFN output
-        f (B, T', D)."""
-        n = blk["norm_final"]
-        _, x = add_layer_norm(
-            f, x, n.weight, n.bias, n.eps, x_bias=f_bias, scale=0.5, y_dtype=self.residual_dtype
-        )
-        return x
+    def _add_final_norm(self, f, x, blk, nxt, f_bias=None):
+        """(s, y): ``s = norm_final(x + 0.5 * (f + f_bias))`` in the residual dtype (the next
+        block's stream) and ``y = n(s)`` in ``dtype`` for ``nxt = (n, dtype)`` (the next block's
+        macaron norm, or the encoder's final norm), one kernel; f (B, T', D) the FFN output (a
+        subclass's too)."""
+        n1, (n2, dtype) = blk["norm_final"], nxt
+        return add_double_layer_norm(
+            f, x, (n1.weight, n1.bias, n1.eps), (n2.weight, n2.bias, n2.eps),
+            x_bias=f_bias, scale=0.5, y_dtype=dtype,
+        )  # fmt: skip
 
-    def _block(self, x, y, blk, lengths, chunk, left, pe, ff_context=None):
+    def _block(self, x, y, blk, lengths, chunk, left, pe, nxt, ff_context=None):
+        """One block on its stream x (B, T', D) and LN_mac(x) y -> (the block's output, its
+        LayerNorm ``nxt`` = (norm, dtype))."""
         b, t, d = x.shape
         h, dk = self.n_head, d // self.n_head
         w1, b1, w2, b2 = blk["mac_w1"], blk["mac_b1"], blk["mac_w2"], blk["mac_b2"]
         x, y = self._ffn_add_ln(y, w1, b1, w2, b2, x, blk["norm_attn"], 0.5)
-        qkv = F.linear(y, blk["qkv_w"], blk["qkv_b"]).view(b, t, 3, h, dk)
+        if self.triton_linear:
+            qkv = linear_act(y, blk["qkv_w"], blk["qkv_b"], "identity")
+        else:
+            qkv = F.linear(y, blk["qkv_w"], blk["qkv_b"])
+        qkv = qkv.view(b, t, 3, h, dk)
         p = self._pos_proj(blk, pe).view(t, h, dk)
         att = rel_pos_attention(
             qkv[:, :, 0],
@@ -478,8 +524,12 @@ class FusedEncoder:
             tf32_dots=self.tf32_attention,
         )
         att = att.view(b, t, d)
-        x, y = self._linear_add_ln(att, blk["out_w"], x, blk["norm_conv"], blk["out_b"])
-        x2 = F.linear(y, blk["pw1_w"], blk["pw1_b"])
+        tri = self.triton_linear
+        x, y = self._linear_add_ln(att, blk["out_w"], x, blk["norm_conv"], blk["out_b"], triton=tri)
+        if self.triton_glu:  # (B, T, C) GLU output from the GEMM's epilogue
+            x2 = linear_act(y, blk["pw1_wi"], blk["pw1_bi"], "glu")
+        else:  # (B, T, 2C) values and gates
+            x2 = F.linear(y, blk["pw1_w"], blk["pw1_b"])
         cache = None
         if blk["causal"]:
             cache = blk["left_context"].unsqueeze(0).expand(b, -1, -1)
@@ -499,10 +549,11 @@ class FusedEncoder:
             activation=self.act_name,
             pad_mode=self.pad_mode,
             cache=cache,
+            glu=not self.triton_glu,
             **conv_kw,
         )
-        x, y = self._linear_add_ln(g, blk["pw2_w"], x, blk["norm_ff"], blk["pw2_b"])
-        return self._second_ffn_add_ln(x, y, blk, ff_context)  # the next block's stream
+        x, y = self._linear_add_ln(g, blk["pw2_w"], x, blk["norm_ff"], blk["pw2_b"], triton=tri)
+        return self._second_ffn_add_ln(x, y, blk, ff_context, nxt)
 
     @torch.inference_mode()
     def forward(
@@ -523,13 +574,15 @@ class FusedEncoder:
         out_lengths = self.subsampling.output_lengths(lengths)
         pe = positions(0, x.shape[1], self.d, x.device, self.dtype)  # cached table, a view
         x = x.to(self.residual_dtype)  # the residual stream stays float32
-        for blk in self.blocks:
-            n = blk["norm_mac"]
-            y = layer_norm(x, n.weight, n.bias, n.eps, y_dtype=self.dtype)
-            x = self._block(x, y, blk, out_lengths, chunk_size, num_left_chunks, pe, ff_context)
-        n = self.final_norm
-        out = layer_norm(x, n.weight, n.bias, n.eps, y_dtype=torch.float32)
-        return out, out_lengths
+        n = self.blocks[0]["norm_mac"]
+        y = layer_norm(x, n.weight, n.bias, n.eps, y_dtype=self.dtype)
+        for i, blk in enumerate(self.blocks):  # each block also normalises its output for the next
+            nxt = (self.blocks[i + 1]["norm_mac"], self.dtype) if i + 1 < len(self.blocks) else None
+            nxt = nxt or (self.final_norm, torch.float32)
+            x, y = self._block(
+                x, y, blk, out_lengths, chunk_size, num_left_chunks, pe, nxt, ff_context
+            )
+        return y, out_lengths  # the final norm's output
 
 
 class FusedDecoder:

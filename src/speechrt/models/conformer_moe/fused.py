@@ -106,10 +106,11 @@ class FusedMoEEncoder(FusedEncoder):
         }
 
     def _second_ffn_add_ln(
-        self, x: torch.Tensor, y: torch.Tensor, blk: dict, ff_context: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, y: torch.Tensor, blk: dict, ff_context: torch.Tensor | None, nxt
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The MoE FFN on y (B, T', D) compute dtype, routed with ff_context (B, T', DE) the
-        embedding, then residual add (0.5) and norm_final -> the next block's stream (B, T', D).
+        embedding, then residual add (0.5) and norm_final -> the next block's stream (B, T', D)
+        and its LayerNorm ``nxt`` (:meth:`FusedEncoder._add_final_norm`).
 
         Routing reads ``[ff_context, y]`` (embedding first, as MoEFeedForward); the expert bias
         b2 is applied inside the down-projection GEMM, before the gate scale."""
@@ -135,7 +136,7 @@ class FusedMoEEncoder(FusedEncoder):
             blk["moe_activation"],
             out_dtype=self.residual_dtype if self._branches_in_residual_dtype() else None,
         )
-        return self._add_final_norm(out, x, blk)
+        return self._add_final_norm(out, x, blk, nxt)
 
     @torch.inference_mode()
     def forward(

@@ -15,6 +15,24 @@ def test_off_for_cpu_tensors_and_interpreter(monkeypatch):
     assert not _pdl.pdl_supported(torch.device("cuda", 0))  # never queries the device
 
 
+def _graph_with_pdl_equals_eager_without(monkeypatch, chain, x0: torch.Tensor) -> None:
+    """``chain(x)`` (which updates x in place) captured with PDL in one CUDA graph and replayed
+    from x0 three times equals the chain run eagerly without PDL, bit for bit."""
+    monkeypatch.setenv("SPEECHRT_PDL", "0")
+    want = chain(x0.clone())
+    monkeypatch.setenv("SPEECHRT_PDL", "1")
+    x = x0.clone()
+    chain(x.clone())  # compile the PDL variants outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(x)
+    for _ in range(3):  # replays restart from x0: the chain updates x in place
+        x.copy_(x0)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+
+
 @pytest.mark.gpu
 def test_env_switch_on_hopper(monkeypatch):
     dev = torch.device("cuda")
@@ -50,19 +68,7 @@ def test_pdl_chain_in_a_graph_matches_eager_without_pdl(monkeypatch):
             skinny_linear(h, w_down, residual=x)
         return skinny_linear(x, ws[0], ln=ln, out_dtype=torch.float32)
 
-    monkeypatch.setenv("SPEECHRT_PDL", "0")
-    want = chain(x0.clone())
-    monkeypatch.setenv("SPEECHRT_PDL", "1")
-    x = x0.clone()
-    chain(x.clone())  # compile the PDL variants outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = chain(x)
-    for _ in range(3):  # replays restart from x0: the chain updates x in place
-        x.copy_(x0)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(got, want)
+    _graph_with_pdl_equals_eager_without(monkeypatch, chain, x0)
 
 
 @pytest.mark.gpu
@@ -104,16 +110,4 @@ def test_encoder_chain_in_a_graph_matches_eager_without_pdl(monkeypatch):
             x, y = add_double_layer_norm(g, x, ln, ln, s_out=x)
         return y
 
-    monkeypatch.setenv("SPEECHRT_PDL", "0")
-    want = chain(x0.clone())
-    monkeypatch.setenv("SPEECHRT_PDL", "1")
-    x = x0.clone()
-    chain(x.clone())  # compile the PDL variants outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = chain(x)
-    for _ in range(3):  # replays restart from x0: the chain updates x in place
-        x.copy_(x0)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(got, want)
+    _graph_with_pdl_equals_eager_without(monkeypatch, chain, x0)

@@ -293,10 +293,11 @@ def add_layer_norm_ref(
     x_bias: torch.Tensor | None = None,
     scale: float = 1.0,
     upcast: bool = False,
+    y_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch ``add_layer_norm``; ``upcast`` adds in float32 and normalises the h that
-    was cast back to residual's dtype (as the kernel does)."""
-    h_dtype, y_dtype = residual.dtype, x.dtype
+    was cast back to residual's dtype (as the kernel does); y in ``y_dtype`` (default x's)."""
+    h_dtype, y_dtype = residual.dtype, y_dtype or x.dtype
     if upcast:
         x, residual = x.float(), residual.float()
         x_bias = x_bias.float() if x_bias is not None else None
@@ -319,12 +320,8 @@ def add_double_layer_norm_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch ``add_double_layer_norm``: the add, LN1 rounded to residual's dtype (as the
     kernel stores it), LN2 of that; ``upcast`` computes in float32."""
-    h_dtype, y_dtype = residual.dtype, x.dtype
-    if upcast:
-        x, residual = x.float(), residual.float()
-    if x_bias is not None:
-        x = x + x_bias.to(x.dtype)
-    h = (residual + scale * x).to(h_dtype)
-    s = layer_norm_ref(h.float() if upcast else h, *ln1).to(h_dtype)
+    _, s = add_layer_norm_ref(
+        x, residual, *ln1, x_bias=x_bias, scale=scale, upcast=upcast, y_dtype=residual.dtype
+    )
     y = layer_norm_ref(s.float() if upcast else s, *ln2)
-    return s, y.to(y_dtype)
+    return s, y.to(x.dtype)

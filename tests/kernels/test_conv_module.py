@@ -162,6 +162,23 @@ def test_glu_applied_reference_is_the_glu_reference(device):
         glu_depthwise_conv(x2[0], w, bias, None, causal=False, glu=False)
 
 
+@pytest.mark.parametrize("glu", [True, False], ids=["glu", "glu_applied"])
+def test_explicit_launch_tiles(glu, device):
+    """``block`` (the tiles benchmarks sweep) changes nothing but the launch; norm='layer'
+    needs all of C in one tile."""
+    x2, w, bias, ln = _inputs(2, 19, 24, 15, device)
+    if not glu:
+        x2 = F.glu(x2, dim=-1)
+    lengths = _lengths(2, 19, device)
+    opts = dict(causal=False, glu=glu)
+    want = glu_depthwise_conv_ref(x2, w, bias, lengths, **opts)
+    for block in ((2, 16), (8, 32)):
+        y = glu_depthwise_conv(x2, w, bias, lengths, block=block, **opts)
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="BLOCK_C"):
+        glu_depthwise_conv(x2, w, bias, lengths, norm="layer", block=(4, 16), **opts, **ln)
+
+
 def test_returned_cache_with_ragged_lengths(device):
     x2, w, bias, _ = _inputs(2, 6, 4, 8, device)
     lengths = torch.tensor([6, 2], device=device)

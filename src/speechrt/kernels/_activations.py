@@ -37,17 +37,25 @@ def fast_sigmoid(x):
 
 
 @triton.jit
+def sigmoid(x, FAST: tl.constexpr):
+    """sigmoid(x): :func:`fast_sigmoid` when FAST, else ``tl.sigmoid``."""
+    if FAST:
+        return fast_sigmoid(x)
+    return tl.sigmoid(x)
+
+
+@triton.jit
 def activate(h, ACT: tl.constexpr):
     """Elementwise activation of a float32 tile (ACT: see :data:`ACTIVATIONS`; gelu: erf form;
     :data:`FAST_SWISH`: swish through :func:`fast_sigmoid`)."""
     if ACT == 1:
-        h = h * tl.sigmoid(h)
+        h = h * sigmoid(h, False)
     elif ACT == 2:
         h = tl.maximum(h, 0.0)
     elif ACT == 3:
         h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
     elif ACT == 4:  # FAST_SWISH
-        h = h * fast_sigmoid(h)
+        h = h * sigmoid(h, True)
     return h
 
 

@@ -31,7 +31,7 @@ from speechrt.kernels._activations import (
     activate,
     epilogue_code,
     fast_epilogue,
-    fast_sigmoid,
+    sigmoid,
 )
 from speechrt.kernels._pdl import pdl_enter, pdl_kwargs
 from speechrt.kernels._utils import (
@@ -168,10 +168,7 @@ def _linear_act_kernel(
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if GLU:  # column 2j is a_j, 2j + 1 its gate: each thread holds both of a pair
         a, gate = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-        if GLU == 2:
-            acc = a * fast_sigmoid(gate)
-        else:
-            acc = a * tl.sigmoid(gate)
+        acc = a * sigmoid(gate, GLU == 2)
         cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         col_ok = cols < N // 2
     else:

@@ -576,9 +576,9 @@ class FusedEncoder:
         x = x.to(self.residual_dtype)  # the residual stream stays float32
         n = self.blocks[0]["norm_mac"]
         y = layer_norm(x, n.weight, n.bias, n.eps, y_dtype=self.dtype)
-        for i, blk in enumerate(self.blocks):  # each block also normalises its output for the next
-            nxt = (self.blocks[i + 1]["norm_mac"], self.dtype) if i + 1 < len(self.blocks) else None
-            nxt = nxt or (self.final_norm, torch.float32)
+        # each block also normalises its output for the next (the last: the final norm)
+        nexts = [(blk["norm_mac"], self.dtype) for blk in self.blocks[1:]]
+        for blk, nxt in zip(self.blocks, [*nexts, (self.final_norm, torch.float32)]):
             x, y = self._block(
                 x, y, blk, out_lengths, chunk_size, num_left_chunks, pe, nxt, ff_context
             )

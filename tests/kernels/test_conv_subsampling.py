@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels import conv_front_wgmma
 from speechrt.kernels._utils import interpreting
 from speechrt.kernels.conv_subsampling import (
     CONFIGS,
@@ -176,3 +177,49 @@ def test_conformer_shape_every_config(config, dtype, device, check_output, max_e
         return
     y = conv_subsampling(x, packed, *cmvn, config=config)
     _check(y, x, convs, cmvn, dtype, check_output, max_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cmvn_on", [True, False])
+def test_gluon_kernel_matches_triton_kernel(c, dtype, cmvn_on, device, check_output, max_err):
+    """The Hopper Gluon kernel (conv_front_wgmma) against the float32 reference, and bit for bit
+    against this module's Triton kernel (same products, same float32 sums): an odd T whose last
+    row tile is ragged, a strided input, with and without CMVN."""
+    if not conv_front_wgmma.supported(c, dtype, torch.device(device)):
+        pytest.skip("the Gluon conv front needs compute capability 9.x and Gluon")
+    b, t, f = 5, 203, 80
+    x = _feats(b, f, t, device).transpose(1, 2)  # (B, T, F) with a non-unit feature stride
+    convs = _convs(c, device)
+    cmvn = _cmvn(f, device) if cmvn_on else (None, None)
+    packed = pack_conv_subsampling(*convs, dtype)
+    t2, f2 = output_size(t), output_size(f)
+    y = torch.full((b, t2, f2 * c), float("nan"), device=device, dtype=dtype)
+    mean_t = cmvn[0].float() if cmvn_on else packed.b2
+    istd_t = cmvn[1].float() if cmvn_on else packed.b2
+    conv_front_wgmma.conv_front_wgmma(x, packed, mean_t, istd_t, cmvn_on, y, b * t2 * f2, t2, f2)
+    _check(y, x, convs, cmvn, dtype, check_output, max_err)
+    triton_y = conv_subsampling(x, packed, *cmvn, config=ConvFrontConfig(128, c, 64, 8, 3))
+    assert torch.equal(y, triton_y)
+
+
+@pytest.mark.gpu
+def test_default_takes_gluon_kernel_from_half_a_wave(device):
+    """config=None picks the Gluon kernel where it applies (same bits as the Triton kernel), and
+    GLUON = False returns to the Triton kernel."""
+    from speechrt.kernels import conv_subsampling as module
+
+    x = _feats(16, 256, 80, device)
+    convs, cmvn = _convs(256, device), _cmvn(80, device)
+    packed = pack_conv_subsampling(*convs, torch.float16)
+    m = 16 * output_size(256) * output_size(80)
+    uses_gluon = module._gluon_front(m, 256, torch.float16, x.device)
+    assert uses_gluon == conv_front_wgmma.supported(256, torch.float16, x.device)
+    y = conv_subsampling(x, packed, *cmvn)
+    module.GLUON = False
+    try:
+        assert not module._gluon_front(m, 256, torch.float16, x.device)
+        assert torch.equal(conv_subsampling(x, packed, *cmvn), y)
+    finally:
+        module.GLUON = True

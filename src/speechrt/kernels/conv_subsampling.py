@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels import conv_front_wgmma
 from speechrt.kernels._utils import (
     MISSING_TL,
     MISSING_TRITON,
@@ -108,6 +109,12 @@ CONFIGS_FP32: tuple[ConvFrontConfig, ...] = (
     ConvFrontConfig(64, 128, 32, 8, 2),
 )
 PATCH = 64  # 7 x 7 input samples + 1 (the bias column), padded to a power of two
+# On compute capability 9.x, half precision, C = 64/128/256 and at least half a wave of 128-row
+# tiles, ``config=None`` runs the Gluon kernel of :mod:`speechrt.kernels.conv_front_wgmma` (conv1's
+# ReLU under conv2's MMAs; the same bits as this module's kernel). H200, C = 256, fp16:
+# 239 -> 191 us at 64 x 256 frames, 906 -> 692 at 64 x 1024, 89 -> 76 at 16 x 256 (BENCHMARKS.md,
+# session 10). Read at each launch, so a benchmark can compare both in one process.
+GLUON = True
 # Half-precision channel counts the kernel is verified for on CUDA: on the H200 (Triton 3.6)
 # C = 24 gave wrong outputs at every shape while 8, 40, 48, 72, 80, 144 and 176 were right
 # (BENCHMARKS.md, session 4); until that is understood only multiples of 16 are accepted.
@@ -316,6 +323,14 @@ def _default_config(m: int, c: int, dtype: torch.dtype, device: torch.device) ->
     return ConvFrontConfig(64, min(block_n, 128), 64, 4, 3)
 
 
+def _gluon_front(m: int, c: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``config=None`` takes the Gluon kernel (see :data:`GLUON`): from half a wave of
+    its 128-row tiles (1 x 1024 frames, 38 tiles: 38.2 vs 37.8 us for the 64-row Triton tiles)."""
+    if not GLUON or interpreting() or not conv_front_wgmma.supported(c, dtype, device):
+        return False
+    return cdiv(m, conv_front_wgmma.BLOCK_M) * 2 >= sm_count(device)
+
+
 def _check_cmvn(mean: torch.Tensor | None, istd: torch.Tensor | None, f: int) -> None:
     if (mean is None) != (istd is None):
         raise ValueError("CMVN needs both mean and istd, or neither")
@@ -340,7 +355,8 @@ def conv_subsampling(
         weights: from :func:`pack_conv_subsampling`.
         mean, istd: (F,) CMVN applied as ``(x - mean) * istd`` on the way in, or None.
         out: optional preallocated (B, T2, F2 * C) output in the weights' dtype.
-        config: launch configuration (benchmarks sweep :data:`CONFIGS`); None picks one.
+        config: launch configuration of this module's kernel (benchmarks sweep :data:`CONFIGS`);
+            None picks one, or the Gluon kernel where :data:`GLUON` allows.
     Returns:
         (B, T2, F2 * C) in the weights' dtype, column ``f * C + c``; T2 = ((T - 1) // 2 - 1)
         // 2 and F2 likewise (0 when T < 7 or F < 7).
@@ -362,13 +378,16 @@ def conv_subsampling(
     m = b * t2 * f2
     if m == 0:
         return y
+    cmvn = mean is not None
+    mean_t = mean.float().contiguous() if cmvn else w.b2
+    istd_t = istd.float().contiguous() if cmvn else w.b2
+    if config is None and _gluon_front(m, c, w.dtype, x.device):
+        conv_front_wgmma.conv_front_wgmma(x, w, mean_t, istd_t, cmvn, y, m, t2, f2)
+        return y
     cfg = config or _default_config(m, c, w.dtype, x.device)
     # With UPCAST (float32, or bfloat16 under TRITON_INTERPRET, whose casts to bf16 truncate)
     # the patch and conv1 values stay float32; only the weights and the output are bf16.
     precision = dot_precision(w.dtype)
-    cmvn = mean is not None
-    mean_t = mean.float().contiguous() if cmvn else w.b2
-    istd_t = istd.float().contiguous() if cmvn else w.b2
     grid = (cdiv(m, cfg.block_m), cdiv(c, cfg.block_n))
     _conv_front_kernel[grid](
         x, mean_t, istd_t, w.w1, w.w2, w.b2, y,

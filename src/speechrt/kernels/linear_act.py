@@ -196,6 +196,7 @@ def _linear_act_tma_kernel(
     GROUP_M: tl.constexpr,
     PROGRAMS: tl.constexpr,
     SPLIT_STORE: tl.constexpr,
+    GLU: tl.constexpr,  # as _linear_act_kernel's: columns (2j, 2j + 1) -> a_j * sigmoid(gate_j)
     USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
@@ -219,14 +220,17 @@ def _linear_act_tma_kernel(
         if HAS_BIAS:
             cols = col0 + tl.arange(0, BLOCK_N)
             acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        acc = activate(acc, ACT)
-        if SPLIT_STORE:  # two (BLOCK_M, BLOCK_N / 2) halves: half the staging registers
+        if GLU:  # a (BLOCK_M, BLOCK_N / 2) output tile
+            a, gate = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+            Y_DESC.store([row0, col0 // 2], (a * sigmoid(gate, GLU == 2)).to(Y_DESC.dtype))
+        elif SPLIT_STORE:  # two (BLOCK_M, BLOCK_N / 2) halves: half the staging registers
+            acc = activate(acc, ACT)
             halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
             left, right = tl.split(halves)
             Y_DESC.store([row0, col0], left.to(Y_DESC.dtype))
             Y_DESC.store([row0, col0 + BLOCK_N // 2], right.to(Y_DESC.dtype))
         else:
-            Y_DESC.store([row0, col0], acc.to(Y_DESC.dtype))
+            Y_DESC.store([row0, col0], activate(acc, ACT).to(Y_DESC.dtype))
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -242,12 +246,12 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _launch_tma(x2d, weight, bias, y2d, act: int, cfg: LinearConfig) -> None:
+def _launch_tma(x2d, weight, bias, y2d, act: int, cfg: LinearConfig, glu: int = 0) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = x2d.shape
     n = weight.shape[0]
-    store_n = cfg.block_n // 2 if cfg.split_store else cfg.block_n
+    store_n = cfg.block_n // 2 if (cfg.split_store or glu) else cfg.block_n
     x_desc = TensorDescriptor.from_tensor(x2d, [cfg.block_m, cfg.block_k])
     w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
     y_desc = TensorDescriptor.from_tensor(y2d, [cfg.block_m, store_n])
@@ -257,7 +261,7 @@ def _launch_tma(x2d, weight, bias, y2d, act: int, cfg: LinearConfig) -> None:
         x_desc, w_desc, y_desc, bias if bias is not None else weight, m, n, k,
         HAS_BIAS=bias is not None, ACT=act, **dot_precision(x2d.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PROGRAMS=programs, SPLIT_STORE=cfg.split_store, **pdl_kwargs(x2d.device, tiles),
+        PROGRAMS=programs, SPLIT_STORE=cfg.split_store, GLU=glu, **pdl_kwargs(x2d.device, tiles),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -358,15 +362,13 @@ def linear_act(
         weight = weight.contiguous()
     fast = fast_epilogue(y.dtype, x.device)
     act = 0 if glu else epilogue_code(activation, y.dtype, x.device)
-    cfg = config or _default_config(m, n, k, x.dtype, x.device, tma=False if glu else None)
+    cfg = config or _default_config(m, n, k, x.dtype, x.device)
     if cfg.tma:
         if x.dtype == torch.float32:
             raise UnsupportedOptionError("the tensor-descriptor linear_act runs float16/bfloat16")
-        if glu:
-            raise UnsupportedOptionError("the tensor-descriptor linear_act has no glu epilogue")
-        y2d = y.view(m, n)
+        y2d = y.view(m, n_out)
         if _tma_ok(x2d, weight, y2d):
-            _launch_tma(x2d, weight, bias, y2d, act, cfg)
+            _launch_tma(x2d, weight, bias, y2d, act, cfg, glu=(2 if fast else 1) if glu else 0)
             return y
         cfg = _default_config(m, n, k, x.dtype, x.device, tma=False)
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)

@@ -226,3 +226,33 @@ def test_ffn_shape_every_config(config, dtype, device, check_output, max_err):
     x, w, b = _inputs((1000, 256), 2048, device, dtype)
     y = linear_act(x, w, b, "swish", config=config)
     _check(y, x, w, b, "swish", dtype, check_output, max_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rows, n, act, bias",
+    [(16320, 2048, "swish", True), (4032, 2048, "gelu", False), (8250, 520, "relu", True),
+     (33000, 256, "identity", True)],
+)  # fmt: skip
+def test_pingpong_kernel(rows, n, act, bias, dtype, device, check_output, max_err):
+    """The warp-specialised ping-pong GEMM (K = 256, Gluon, Hopper) that ``config=None`` takes
+    from one tile per SM: ragged last row tile, N not a multiple of its 256-column blocks, every
+    activation (fast swish included), with and without bias; PINGPONG = False gives the Triton
+    kernel's result within one rounding."""
+    from speechrt.kernels import linear_act as module
+    from speechrt.kernels import linear_act_pingpong
+
+    x, w, b = _inputs((rows, 256), n, device, dtype, bias=bias)
+    y_dummy = torch.empty(rows, n, device=device, dtype=dtype)
+    if not linear_act_pingpong.supported(x, w, y_dummy):
+        pytest.skip("the ping-pong GEMM needs compute capability 9.x, Gluon and a tile per SM")
+    y = linear_act(x, w, b, act)
+    _check(y, x, w, b, act, dtype, check_output, max_err)
+    module.PINGPONG = False
+    try:
+        y_triton = linear_act(x, w, b, act)
+    finally:
+        module.PINGPONG = True
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2  # one rounding of the output
+    torch.testing.assert_close(y.float(), y_triton.float(), atol=tol, rtol=tol)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from speechrt.errors import UnsupportedOptionError
+from speechrt.kernels import linear_act_pingpong
 from speechrt.kernels._activations import (
     ACTIVATIONS,
     activate,
@@ -277,6 +278,11 @@ TMA_CONFIG = LinearConfig(256, 128, 64, 8, 8, 3, tma=True, split_store=True)
 # swish: 17.0 vs 20.1 us at 4,032 rows, 52.4 vs 63.1 at 16,320; 256 -> 256: 11.2 vs 15.8 us at
 # 16,320 rows, cuBLAS 17.7).
 TMA_MIN_K = 512
+# At K = 256 with at least one (64 x 256) tile per SM, ``config=None`` runs the warp-specialised
+# ping-pong GEMM of :mod:`speechrt.kernels.linear_act_pingpong` (Gluon, Hopper; no GLU): its
+# epilogues run under the other warpgroup's MMAs (H200 fp16, 256 -> 2048 + swish: 50.6 -> 39.2
+# us at 16,320 rows, 17.1 -> 16.1 at 4,032; BENCHMARKS.md, session 10). Read at each launch.
+PINGPONG = True
 TMA_CONFIG_SMALL_K = LinearConfig(128, 256, 64, 8, 8, 3, tma=True, split_store=True)
 
 
@@ -362,6 +368,11 @@ def linear_act(
         weight = weight.contiguous()
     fast = fast_epilogue(y.dtype, x.device)
     act = 0 if glu else epilogue_code(activation, y.dtype, x.device)
+    if config is None and PINGPONG and not glu:
+        y2d = y.view(m, n)
+        if linear_act_pingpong.supported(x2d, weight, y2d):
+            linear_act_pingpong.linear_act_pingpong(x2d, weight, bias, y2d, act)
+            return y
     cfg = config or _default_config(m, n, k, x.dtype, x.device)
     if cfg.tma:
         if x.dtype == torch.float32:

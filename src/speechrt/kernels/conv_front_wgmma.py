@@ -28,23 +28,20 @@ from __future__ import annotations
 
 import torch
 
+from speechrt.kernels._gluon import (
+    HAVE_GLUON,
+    descriptor,
+    fence_async_shared,
+    gl,
+    gluon,
+    hopper,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
 from speechrt.kernels._utils import cdiv
-
-try:  # Gluon ships with Triton >= 3.5; without it :func:`supported` is always False.
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_init,
-        warpgroup_mma_wait,
-    )
-
-    HAVE_GLUON = True
-except Exception:  # pragma: no cover - depends on the Triton build
-    HAVE_GLUON = False
 
 __all__ = ["conv_front_wgmma", "supported"]
 
@@ -55,9 +52,7 @@ PATCH = 64  # 7 x 7 input samples + the bias column, padded
 
 def supported(channels: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether :func:`conv_front_wgmma` runs this front (see the module docstring)."""
-    if not HAVE_GLUON or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if torch.cuda.get_device_capability(device)[0] != 9:
+    if not hopper(device) or dtype not in (torch.float16, torch.bfloat16):
         return False
     return channels in (64, 128, 256)
 
@@ -164,13 +159,6 @@ if HAVE_GLUON:
             mbarrier.invalidate(bars.index(b))
 
 
-def _descriptor(t: torch.Tensor, block: list[int]):
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    dt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
-    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dt))
-
-
 def conv_front_wgmma(x, weights, mean_t, istd_t, cmvn: bool, y, m: int, t2: int, f2: int) -> None:
     """Launch for :func:`speechrt.kernels.conv_subsampling.conv_subsampling` (its checks done):
     x (B, T, F), packed weights, float32 CMVN vectors (any tensors when ``cmvn`` is False), y
@@ -178,8 +166,8 @@ def conv_front_wgmma(x, weights, mean_t, istd_t, cmvn: bool, y, m: int, t2: int,
     c = weights.channels
     _conv_front_wgmma_kernel[(cdiv(m, BLOCK_M),)](
         x, mean_t, istd_t,
-        _descriptor(weights.w1, [PATCH, BLOCK_K]),
-        _descriptor(weights.w2, [BLOCK_K, c]),
+        descriptor(weights.w1, [PATCH, BLOCK_K]),
+        descriptor(weights.w2, [BLOCK_K, c]),
         weights.b2, y, m, t2 * f2, f2, c, x.stride(0), x.stride(1), x.stride(2), c,
         HAS_CMVN=cmvn, BLOCK_N=c, num_warps=8,
     )  # fmt: skip

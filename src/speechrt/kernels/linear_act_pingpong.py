@@ -24,22 +24,19 @@ from __future__ import annotations
 
 import torch
 
+from speechrt.kernels._gluon import (
+    HAVE_GLUON,
+    descriptor,
+    fence_async_shared,
+    gl,
+    gluon,
+    hopper,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from speechrt.kernels._utils import cdiv, sm_count
-
-try:  # Gluon ships with Triton >= 3.5; without it :func:`supported` is always False.
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-
-    HAVE_GLUON = True
-except Exception:  # pragma: no cover - depends on the Triton build
-    HAVE_GLUON = False
 
 __all__ = ["linear_act_pingpong", "supported"]
 
@@ -50,7 +47,7 @@ K = 256  # the x slot that stages an output tile holds (64, K) = (64, BN) half v
 
 def supported(x2d: torch.Tensor, weight: torch.Tensor, y2d: torch.Tensor) -> bool:
     """Whether :func:`linear_act_pingpong` computes this problem (see the module docstring)."""
-    if not HAVE_GLUON or not x2d.is_cuda or torch.cuda.get_device_capability(x2d.device)[0] != 9:
+    if not hopper(x2d.device):
         return False
     if x2d.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x2d.dtype:
         return False
@@ -205,6 +202,8 @@ if HAVE_GLUON:
         first = j * tiles_m // per_col
         n_tiles = (j + 1) * tiles_m // per_col - first
         col0 = cb * 256
+        # The consumers' argument tuples differ only in their first element; they are spelled out
+        # because a tuple built by `+` in a Gluon kernel loses its constexpr elements (KT).
         gl.warp_specialize(
             [
                 (
@@ -273,13 +272,6 @@ if HAVE_GLUON:
         )
 
 
-def _descriptor(t: torch.Tensor, block: list[int]):
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    dt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
-    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dt))
-
-
 def linear_act_pingpong(x2d, weight, bias, y2d, act: int) -> torch.Tensor:
     """``y2d = act(x2d @ weight^T + bias)`` (act: an ``_activations`` code) where
     :func:`supported` allows it."""
@@ -288,7 +280,7 @@ def linear_act_pingpong(x2d, weight, bias, y2d, act: int) -> torch.Tensor:
     col_blocks = cdiv(n, BN)
     per_col = max(1, min(sm_count(x2d.device) // col_blocks, cdiv(m, BM)))
     _pingpong_kernel[(per_col * col_blocks,)](
-        _descriptor(x2d, [BM, 64]), _descriptor(weight, [BN, 64]), _descriptor(y2d, [BM, BN]),
+        descriptor(x2d, [BM, 64]), descriptor(weight, [BN, 64]), descriptor(y2d, [BM, BN]),
         bias if bias is not None else weight, m, n,
         HAS_BIAS=bias is not None, ACT=act, KT=K // 64, num_warps=4,
     )  # fmt: skip

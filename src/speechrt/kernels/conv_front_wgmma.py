@@ -12,8 +12,9 @@ session 10). This Gluon kernel (Triton's explicit-layout dialect) does that over
   A operand from there, so no register is read asynchronously except the loop-invariant patch
   (conv1's A operand);
 * per K step ``i``: issue conv1's MMA for step ``i + 1``, then conv2's MMA for step ``i``, wait
-  until only the latter is in flight, apply bias-free ReLU + rounding of step ``i + 1`` on the
-  CUDA cores and store it to the other buffer while conv2's MMA runs;
+  until only the latter is in flight, apply the ReLU and rounding of step ``i + 1`` (conv1's
+  bias comes in through the patch's constant column) on the CUDA cores and store the tile to the
+  other buffer while conv2's MMA runs;
 * both weights stream through a TMA ring of 4 stages, a stage refilled once the conv2 MMA
   reading it is known complete in both warpgroups.
 

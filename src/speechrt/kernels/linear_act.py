@@ -13,6 +13,9 @@ number at least half the SMs) is persistent: one program per SM walks the tiles 
 order, reads both operands and writes the output through TMA tensor descriptors, and its
 flattened tile loop issues the next tile's loads under the current tile's epilogue.
 
+On compute capability 9.x at K = 256 (the Conformer's FFN w1) ``config=None`` takes the Gluon
+ping-pong GEMM of :mod:`speechrt.kernels.linear_act_pingpong` instead (see :data:`PINGPONG`).
+
 ``W`` is read in ``nn.Linear`` layout (N, K). :func:`linear_act_ref` is the plain-torch
 reference (``act(F.linear(x, W, b))``) that tests and benchmarks import.
 """
@@ -278,12 +281,12 @@ TMA_CONFIG = LinearConfig(256, 128, 64, 8, 8, 3, tma=True, split_store=True)
 # swish: 17.0 vs 20.1 us at 4,032 rows, 52.4 vs 63.1 at 16,320; 256 -> 256: 11.2 vs 15.8 us at
 # 16,320 rows, cuBLAS 17.7).
 TMA_MIN_K = 512
+TMA_CONFIG_SMALL_K = LinearConfig(128, 256, 64, 8, 8, 3, tma=True, split_store=True)
 # At K = 256 with at least one (64 x 256) tile per SM, ``config=None`` runs the warp-specialised
 # ping-pong GEMM of :mod:`speechrt.kernels.linear_act_pingpong` (Gluon, Hopper; no GLU): its
 # epilogues run under the other warpgroup's MMAs (H200 fp16, 256 -> 2048 + swish: 50.6 -> 39.2
 # us at 16,320 rows, 17.1 -> 16.1 at 4,032; BENCHMARKS.md, session 10). Read at each launch.
 PINGPONG = True
-TMA_CONFIG_SMALL_K = LinearConfig(128, 256, 64, 8, 8, 3, tma=True, split_store=True)
 
 
 def _default_config(

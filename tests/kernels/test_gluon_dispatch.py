@@ -57,3 +57,17 @@ def test_dispatching_launchers_keep_their_results_off_hopper(device, check_outpu
     gold = conv_subsampling_ref(feats, *convs, upcast=True)
     low = conv_subsampling_ref(feats, *(t.half() for t in convs))
     check_output(out, gold, low, torch.float16, atol=2e-5, rtol=1e-5)
+
+
+def test_hopper_check_and_its_switch(monkeypatch):
+    """hopper(): compute capability 9.x only (8.x and 10.x say no), and SPEECHRT_GLUON=0 turns
+    the Gluon kernels off on a Hopper GPU too (capabilities faked; no GPU needed)."""
+    if not _gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    dev = torch.device("cuda", 0)
+    for cap, want in (((9, 0), True), ((8, 0), False), ((10, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=cap: c)
+        monkeypatch.delenv("SPEECHRT_GLUON", raising=False)
+        assert _gluon.hopper(dev) is want
+        monkeypatch.setenv("SPEECHRT_GLUON", "0")
+        assert _gluon.hopper(dev) is False

@@ -3,9 +3,13 @@
 Gluon ships with Triton >= 3.5 and has no CPU interpreter; the kernels that use it run only on
 compute capability 9.x and are tested on the GPU. Without Gluon every name below is None and
 :data:`HAVE_GLUON` is False, so the modules import anywhere and their ``supported`` checks say no.
+``SPEECHRT_GLUON=0`` in the environment (read at each launch) turns them all off: the Triton
+kernels they replace run instead (Gluon's API is young; a Triton release can change it).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -43,8 +47,11 @@ __all__ = [
 
 
 def hopper(device: torch.device) -> bool:
-    """Whether the Gluon kernels can run on ``device``: Gluon present, compute capability 9.x."""
+    """Whether the Gluon kernels run on ``device``: Gluon present, compute capability 9.x, and
+    not switched off by ``SPEECHRT_GLUON=0``."""
     if not HAVE_GLUON or torch.device(device).type != "cuda":
+        return False
+    if os.environ.get("SPEECHRT_GLUON", "1") == "0":
         return False
     return torch.cuda.get_device_capability(device)[0] == 9
 

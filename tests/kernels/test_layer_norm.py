@@ -12,6 +12,7 @@ from speechrt.kernels.layer_norm import (
     add_layer_norm_ref,
     layer_norm,
     layer_norm_ref,
+    widen_layer_norm,
 )
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -35,6 +36,19 @@ def test_layer_norm(d, rows, dtype, device, check_output):
     assert y.dtype == dtype
     gold = layer_norm_ref(x.float(), w, b, 1e-5)
     check_output(y, gold, layer_norm_ref(x, w, b, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("rows, d", [(1, 5), (33, 123), (70, 256), (9, 300)])
+def test_widen_layer_norm(rows, d, dtype, device):
+    """A half-precision input stored in float32 (exactly: every half value is a float32 value)
+    and normalised in the same kernel: equal to x.float() then layer_norm."""
+    x = (torch.randn(2, rows, d, device=device) * 3 + 1).to(dtype)
+    w, b = _params(d, device)
+    s, y = widen_layer_norm(x, w, b, 1e-5, y_dtype=dtype)
+    assert s.dtype == torch.float32 and y.dtype == dtype and s.shape == y.shape == x.shape
+    assert torch.equal(s, x.float())
+    torch.testing.assert_close(y, layer_norm(x.float(), w, b, 1e-5, y_dtype=dtype), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("affine", [True, False])

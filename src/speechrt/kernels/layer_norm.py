@@ -28,6 +28,11 @@ except ImportError:  # the launchers raise UnsupportedOptionError instead
     triton, tl = MISSING_TRITON, MISSING_TL
 
 MAX_BLOCK_D = 16384
+# Rows per program and warps for rows of at most 256 elements (the Conformer's D = 256); wider
+# rows take 4096 // BLOCK_D rows (at most 16) and one warp per 512 elements. H200, FP16 branch +
+# float32 stream, D = 256, add + LayerNorm: 3.68 us at 4,032 rows vs 3.99 with 16 rows and 8
+# warps, equal at 16,320 (13.9 us; bench/results/2026-11-23_h200_s11/). Read at each launch.
+NARROW_TILE = (4, 4)
 
 
 @triton.jit
@@ -54,7 +59,8 @@ def _layer_norm_kernel(
     B,  # (D,) LayerNorm bias (HAS_B)
     W2,  # (D,) second LayerNorm's weight (HAS_LN2 and HAS_W2)
     B2,  # (D,) second LayerNorm's bias (HAS_LN2 and HAS_B2)
-    H,  # (rows, D) new residual stream (HAS_RESIDUAL), or the first LayerNorm's output (HAS_LN2)
+    H,  # (rows, D) new residual stream (HAS_RESIDUAL), the first LayerNorm's output (HAS_LN2),
+    # or the input in another dtype (STORE_INPUT)
     Y,  # (rows, D) normalised output (of the second LayerNorm with HAS_LN2)
     stride_x,
     stride_r,
@@ -72,6 +78,7 @@ def _layer_norm_kernel(
     HAS_LN2: tl.constexpr,
     HAS_W2: tl.constexpr,
     HAS_B2: tl.constexpr,
+    STORE_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -83,6 +90,9 @@ def _layer_norm_kernel(
     mask = (rows < n_rows)[:, None] & col_ok[None, :]
     rows = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if STORE_INPUT:  # the input as H's dtype (a half-precision stream widened to float32)
+        tl.store(H + rows * stride_h + cols[None, :], x.to(H.dtype.element_ty), mask=mask)
+        x = x.to(H.dtype.element_ty).to(tl.float32)
     if HAS_RESIDUAL:
         if HAS_XBIAS:
             x += tl.load(XB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -116,6 +126,7 @@ def _launch(
     y_out: torch.Tensor | None,
     y_dtype: torch.dtype | None = None,
     ln2: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
+    input_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     w2, b2, eps2 = ln2 if ln2 is not None else (None, None, 0.0)
     tensors = (x, residual, x_bias, weight, bias, w2, b2)
@@ -140,10 +151,16 @@ def _launch(
         r2d = as_rows(residual)  # (rows, D)
         h = out_or_empty(h_out, tuple(x.shape), residual.dtype, x.device, "h_out")
         h2d = h.view(-1, d)  # (rows, D)
+    elif input_dtype is not None:
+        h = torch.empty(tuple(x.shape), dtype=input_dtype, device=x.device)
+        h2d = h.view(-1, d)  # (rows, D)
     if n_rows == 0:
         return h, y
-    block_m = max(1, min(16, 4096 // block_d))
-    tile = block_m * block_d
+    if block_d <= 256:
+        block_m, warps = NARROW_TILE
+    else:
+        block_m = max(1, min(16, 4096 // block_d))
+        warps = min(16, max(1, block_m * block_d // 512))
     _layer_norm_kernel[(cdiv(n_rows, block_m),)](
         x2d,
         r2d if r2d is not None else x2d,
@@ -170,9 +187,10 @@ def _launch(
         HAS_LN2=ln2 is not None,
         HAS_W2=w2 is not None,
         HAS_B2=b2 is not None,
+        STORE_INPUT=residual is None and input_dtype is not None,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
-        num_warps=min(16, max(1, tile // 512)),
+        num_warps=warps,
         **pdl_kwargs(x.device, cdiv(n_rows, block_m)),
     )
     return h, y
@@ -198,6 +216,25 @@ def layer_norm(
         y: (..., D) in ``y_dtype`` (default x's dtype).
     """
     return _launch(x, None, None, weight, bias, eps, 1.0, None, out, y_dtype)[1]
+
+
+def widen_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    *,
+    dtype: torch.dtype = torch.float32,
+    y_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x.to(dtype), layer_norm(x.to(dtype)))`` in one kernel: a stream that starts in half
+    precision (the encoder's input layer) stored in float32 as it is normalised.
+
+    Returns:
+        s: (..., D) x in ``dtype``; y: (..., D) LayerNorm(s) in ``y_dtype`` (default x's).
+    """
+    s, y = _launch(x, None, None, weight, bias, eps, 1.0, None, None, y_dtype, input_dtype=dtype)
+    return s, y
 
 
 def add_layer_norm(

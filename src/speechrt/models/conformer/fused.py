@@ -42,7 +42,12 @@ from speechrt.kernels.conv_subsampling import (
 )
 from speechrt.kernels.fused_ffn import ffn_add_layer_norm
 from speechrt.kernels.gemm import linear_fp32_out, mm_fp32_out_supported
-from speechrt.kernels.layer_norm import add_double_layer_norm, add_layer_norm, layer_norm
+from speechrt.kernels.layer_norm import (
+    add_double_layer_norm,
+    add_layer_norm,
+    layer_norm,
+    widen_layer_norm,
+)
 from speechrt.kernels.linear_act import interleave_glu, linear_act
 from speechrt.kernels.linear_add_layer_norm import MAX_D as ADD_LN_MAX_D
 from speechrt.kernels.linear_add_layer_norm import linear_add_layer_norm
@@ -59,6 +64,9 @@ _DENSE = ("position_wise_feed_forward", True)
 # the two-kernel path's (rows, H) GEMM tiles would fill (H200: 132 SMs -> 4224 rows, B x T' after
 # subsampling). Even above it the kernel measured slower than the two-kernel path (session 4).
 FUSED_FFN_ROWS_PER_SM = 32
+# On CUDA the (B,) output lengths (a chain of tiny integer kernels) are computed on a side stream
+# while the conv front runs (a parallel branch of the captured graph). Read at each forward.
+SIDE_STREAM_LENGTHS = True
 
 
 def encoder_unsupported(enc: EncoderConfig) -> str | None:
@@ -555,6 +563,16 @@ class FusedEncoder:
         x, y = self._linear_add_ln(g, blk["pw2_w"], x, blk["norm_ff"], blk["pw2_b"], triton=tri)
         return self._second_ffn_add_ln(x, y, blk, ff_context, nxt)
 
+    def _side_stream(self, feats: torch.Tensor) -> torch.cuda.Stream | None:
+        """The stream for work beside the conv front (``SIDE_STREAM_LENGTHS``), one per encoder
+        and device, made at the first CUDA forward; None on CPU or when switched off."""
+        if not (SIDE_STREAM_LENGTHS and feats.is_cuda):
+            return None
+        streams = self.__dict__.setdefault("_side_streams", {})
+        if feats.device not in streams:
+            streams[feats.device] = torch.cuda.Stream(feats.device)
+        return streams[feats.device]
+
     @torch.inference_mode()
     def forward(
         self,
@@ -570,12 +588,28 @@ class FusedEncoder:
         :meth:`Encoder.chunk_config`. ff_context (B, T', C): side input of every block's second
         FFN (see :meth:`_second_ffn_add_ln`).
         """
+        side = self._side_stream(feats)
+        if side is None:
+            out_lengths = self.subsampling.output_lengths(lengths)
+        else:  # the length arithmetic runs beside the conv front
+            # Memory allocated on the side stream is safe to use on the main stream: every
+            # forward orders the side stream after all earlier main-stream work before it
+            # allocates there, so a freed block cannot be reused while main still reads it.
+            main = torch.cuda.current_stream(feats.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                out_lengths = self.subsampling.output_lengths(lengths)
         x = self._embed(feats)  # (B, T', D)
-        out_lengths = self.subsampling.output_lengths(lengths)
+        if side is not None:
+            main.wait_stream(side)
         pe = positions(0, x.shape[1], self.d, x.device, self.dtype)  # cached table, a view
-        x = x.to(self.residual_dtype)  # the residual stream stays float32
         n = self.blocks[0]["norm_mac"]
-        y = layer_norm(x, n.weight, n.bias, n.eps, y_dtype=self.dtype)
+        if x.dtype != self.residual_dtype:  # the residual stream is float32: widened as normalised
+            x, y = widen_layer_norm(
+                x, n.weight, n.bias, n.eps, dtype=self.residual_dtype, y_dtype=self.dtype
+            )
+        else:
+            y = layer_norm(x, n.weight, n.bias, n.eps, y_dtype=self.dtype)
         # each block also normalises its output for the next (the last: the final norm)
         nexts = [(blk["norm_mac"], self.dtype) for blk in self.blocks[1:]]
         for blk, nxt in zip(self.blocks, [*nexts, (self.final_norm, torch.float32)]):

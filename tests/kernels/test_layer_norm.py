@@ -38,7 +38,7 @@ def test_layer_norm(d, rows, dtype, device, check_output):
     check_output(y, gold, layer_norm_ref(x, w, b, 1e-5), dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("rows, d", [(1, 5), (33, 123), (70, 256), (9, 300)])
 def test_widen_layer_norm(rows, d, dtype, device):
     """A half-precision input stored in float32 (exactly: every half value is a float32 value)

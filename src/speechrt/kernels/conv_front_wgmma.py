@@ -18,6 +18,16 @@ session 10). This Gluon kernel (Triton's explicit-layout dialect) does that over
 * both weights stream through a TMA ring of 4 stages, a stage refilled once the conv2 MMA
   reading it is known complete in both warpgroups.
 
+The default kernel (``_conv_front_k16_kernel``, :data:`CONV1_K16`) runs conv1 as a K = 16
+product instead: conv1 is the same 3 x 3 filter at every conv2 tap, only its input window moves,
+so each row's nine tap windows (9 samples + the bias column, padded to 16) are gathered once
+into registers and multiplied by a resident (16, C) conv1 weight -- one m64n64k16 MMA per K
+step instead of four m64n64k16 on the 7 x 7 patch, the K steps unrolled so every buffer index
+is static. H200, fp16, C = 256: 186 -> 172 us at 64 x 256 frames, ~700 -> 663 us at 64 x 1024
+(BENCHMARKS.md, session 11). Its conv1 sums ten products in another order than the Triton
+kernel, so its output may differ from it in the last bit of a conv1 value (tests bound it by the
+Triton kernel's own error against float32); the K = 64 kernel gives the Triton kernel's bits.
+
 Same arithmetic as the Triton kernels (float32 accumulation, conv1 rounded once after its ReLU,
 conv2's bias and ReLU in float32). Constraints (:func:`supported`): float16/bfloat16 on
 compute capability 9.x, C = 64, 128 or 256. Gluon has no CPU interpreter: the kernel
@@ -160,11 +170,139 @@ if HAVE_GLUON:
             mbarrier.invalidate(bars.index(b))
 
 
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _tap_patch(X, MEAN, ISTD, bi, t2, f2, row_ok, sxb, sxt, sxf,
+                   TAP: gl.constexpr, HAS_CMVN: gl.constexpr, blk: gl.constexpr,
+                   dtype: gl.constexpr, a1_layout: gl.constexpr):  # fmt: skip
+        """(BM, 16) conv1 A operand of conv2 tap TAP: the 3 x 3 input window (CMVN'd) of each
+        row's conv1 position at that tap in columns p * 3 + q, 1 in column 9 (conv1's bias)."""
+        pc = gl.arange(0, 16, layout=gl.SliceLayout(0, blk))
+        p = pc // 3
+        q = pc - 3 * p
+        t_idx = gl.expand_dims(4 * t2 + 2 * (TAP // 3), 1) + gl.expand_dims(p, 0)
+        f_idx = gl.expand_dims(4 * f2 + 2 * (TAP % 3), 1) + gl.expand_dims(q, 0)
+        ok = gl.expand_dims(row_ok, 1) & gl.expand_dims(pc < 9, 0)
+        ptr = (X + gl.expand_dims(bi.to(gl.int64) * sxb, 1) + t_idx.to(gl.int64) * sxt
+               + f_idx.to(gl.int64) * sxf)  # fmt: skip
+        v = gl.load(ptr, mask=ok, other=0.0).to(gl.float32)
+        if HAS_CMVN:
+            mean = gl.load(MEAN + f_idx, mask=ok, other=0.0)
+            istd = gl.load(ISTD + f_idx, mask=ok, other=0.0)
+            v = (v - mean) * istd
+        v = gl.where(gl.expand_dims(pc == 9, 0), 1.0, v).to(dtype)
+        return gl.convert_layout(v, a1_layout)
+
+    @gluon.jit
+    def _issue_w2(w2_desc, step, bars, w2s, NCH: gl.constexpr, BLOCK_N: gl.constexpr):
+        """TMA of K step ``step``'s conv2 (64, C) tile into its stage (``step`` a constexpr)."""
+        tap = step // NCH
+        k0 = (step - tap * NCH) * 64
+        bar = bars.index(step % 4)
+        mbarrier.expect(bar, w2_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w2_desc, [tap * BLOCK_N + k0, 0], bar, w2s.index(step % 4))
+
+    @gluon.jit
+    def _conv_front_k16_kernel(
+        X, MEAN, ISTD, w1_desc, w2_desc, B2, OUT,
+        M, T2F2, F2, sxb, sxt, sxf, stride_om,
+        HAS_CMVN: gl.constexpr, BLOCK_N: gl.constexpr,
+    ):  # fmt: skip
+        BM: gl.constexpr = 128
+        NCH: gl.constexpr = BLOCK_N // 64
+        N_STEPS: gl.constexpr = 9 * NCH
+        dtype: gl.constexpr = w2_desc.dtype
+        mma1: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, 64, 16]
+        )
+        mma2: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        blk: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [8, 1], [1, 0])
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, 64], dtype)
+        a1_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma1, k_width=2)
+
+        w1s = gl.allocate_shared_memory(dtype, [NCH] + w1_desc.block_type.shape, w1_desc.layout)
+        w2s = gl.allocate_shared_memory(dtype, [4] + w2_desc.block_type.shape, w2_desc.layout)
+        a_s = gl.allocate_shared_memory(dtype, [2, BM, 64], a_layout)
+        bars = gl.allocate_shared_memory(gl.int64, [5, 1], mbarrier.MBarrierLayout())
+        for b in gl.static_range(5):
+            mbarrier.init(bars.index(b), count=1)
+        w1bar = bars.index(4)
+        mbarrier.expect(w1bar, NCH * w1_desc.block_type.nbytes)
+        for ch in gl.static_range(NCH):  # conv1's (16, C) weights, resident
+            tma.async_copy_global_to_shared(w1_desc, [0, ch * 64], w1bar, w1s.index(ch))
+        for st in gl.static_range(3):
+            _issue_w2(w2_desc, st, bars, w2s, NCH, BLOCK_N)
+
+        rows = gl.program_id(0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
+        row_ok = rows < M
+        bi = rows // T2F2
+        rem = rows - bi * T2F2
+        t2 = rem // F2
+        f2 = rem - t2 * F2
+        patches = ()
+        for tap in gl.static_range(9):  # the nine (BM, 16) conv1 operands, in registers
+            patches = patches + (
+                _tap_patch(X, MEAN, ISTD, bi, t2, f2, row_ok, sxb, sxt, sxf,
+                           tap, HAS_CMVN, blk, dtype, a1_layout),
+            )  # fmt: skip
+
+        zero1 = gl.zeros([BM, 64], gl.float32, mma1)
+        mbarrier.wait(w1bar, 0)
+        h = warpgroup_mma(patches[0], w1s.index(0), zero1, use_acc=False)
+        a_s.index(0).store(gl.maximum(h, 0.0).to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+
+        acc = warpgroup_mma_init(gl.zeros([BM, BLOCK_N], gl.float32, mma2))
+        for i in gl.static_range(N_STEPS):
+            # As the K = 64 kernel above: conv1 of step i + 1 and conv2 of step i in flight, the
+            # ReLU of step i + 1 into the other A buffer while conv2 runs; every index static.
+            if i + 1 < N_STEPS:
+                mbarrier.wait(bars.index((i + 1) % 4), ((i + 1) // 4) & 1)
+                h_tok = warpgroup_mma(patches[(i + 1) // NCH], w1s.index((i + 1) % NCH), zero1,
+                                      use_acc=False, is_async=True)  # fmt: skip
+                acc = warpgroup_mma(a_s.index(i % 2), w2s.index(i % 4), acc, is_async=True)
+                h = warpgroup_mma_wait(1, deps=[h_tok])
+                a_s.index((i + 1) % 2).store(gl.maximum(h, 0.0).to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                if i + 3 < N_STEPS:
+                    _issue_w2(w2_desc, i + 3, bars, w2s, NCH, BLOCK_N)
+            else:
+                acc = warpgroup_mma(a_s.index(i % 2), w2s.index(i % 4), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma2))
+        out = gl.maximum(acc + gl.expand_dims(gl.load(B2 + cols), 0), 0.0)
+        orow = gl.program_id(0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma2))
+        optr = OUT + gl.expand_dims(orow.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
+        gl.store(optr, out.to(dtype), mask=gl.expand_dims(orow < M, 1))
+        for b in gl.static_range(5):
+            mbarrier.invalidate(bars.index(b))
+
+
+# conv1 as a K = 16 product on each tap's 3 x 3 window (``_conv_front_k16_kernel``) instead of a
+# K = 64 product on the 7 x 7 patch: a quarter of conv1's MMA work. Read at each launch.
+CONV1_K16 = True
+
+
 def conv_front_wgmma(x, weights, mean_t, istd_t, cmvn: bool, y, m: int, t2: int, f2: int) -> None:
     """Launch for :func:`speechrt.kernels.conv_subsampling.conv_subsampling` (its checks done):
     x (B, T, F), packed weights, float32 CMVN vectors (any tensors when ``cmvn`` is False), y
     the (B, T2, F2 * C) output."""
     c = weights.channels
+    if CONV1_K16:
+        _conv_front_k16_kernel[(cdiv(m, BLOCK_M),)](
+            x, mean_t, istd_t,
+            descriptor(weights.w1_3x3, [16, BLOCK_K]),
+            descriptor(weights.w2, [BLOCK_K, c]),
+            weights.b2, y, m, t2 * f2, f2, x.stride(0), x.stride(1), x.stride(2), c,
+            HAS_CMVN=cmvn, BLOCK_N=c, num_warps=8,
+        )  # fmt: skip
+        return
     _conv_front_wgmma_kernel[(cdiv(m, BLOCK_M),)](
         x, mean_t, istd_t,
         descriptor(weights.w1, [PATCH, BLOCK_K]),

@@ -236,11 +236,15 @@ class ConvSubsamplingWeights:
         ``tap * 64 + 49`` conv1's bias, so that ``patch @ w1[tap]`` is conv1 at the tap.
     w2: (9 * C, C) compute dtype, row ``(i * 3 + j) * C + c_in``, column c_out.
     b2: (C,) float32.
+    w1_3x3: (16, C) compute dtype: rows ``p * 3 + q`` conv1's weight at kernel position (p, q),
+        row 9 its bias, rows 10-15 zero: conv1 as a K = 16 product on the 3 x 3 input window of
+        one conv2 tap (the Gluon kernel's layout).
     """
 
     w1: torch.Tensor
     w2: torch.Tensor
     b2: torch.Tensor
+    w1_3x3: torch.Tensor
 
     @property
     def channels(self) -> int:
@@ -293,10 +297,14 @@ def pack_conv_subsampling(
         dim=1,
     )  # (9, PATCH, C)
     w2 = conv2_weight.detach().permute(2, 3, 1, 0).reshape(9 * c, c)  # (9*C_in, C_out)
+    w1_3x3 = torch.cat(
+        [w1.reshape(c, 9).t(), conv1_bias.detach().float()[None], w1.new_zeros(6, c)]
+    )  # (16, C)
     return ConvSubsamplingWeights(
         w1=patch.reshape(9 * PATCH, c).to(dtype).contiguous(),
         w2=w2.to(dtype).contiguous(),
         b2=conv2_bias.detach().float().contiguous(),
+        w1_3x3=w1_3x3.to(dtype).contiguous(),
     )
 
 

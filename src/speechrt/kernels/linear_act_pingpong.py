@@ -5,7 +5,8 @@ whose warps run each tile's epilogue (bias, activation, rounding, store) after i
 the tensor cores idle for a large share of the time (the Triton ``linear_act``: ~340 TFLOP/s
 at 16k rows on the H200). Here one program per SM owns a 256-column block of the output:
 
-* a producer warp loads the (256, K) block of W into shared memory once and streams the
+* a producer warp loads the (256, K) block of W into shared memory once (its first K chunk,
+  then the first x tile, then the other chunks, one barrier each) and streams the
   (64, K) row tiles of x through three slots (TMA, one mbarrier per slot and direction);
 * two consumer warpgroups take alternate row tiles; a turn barrier lets one issue its tile's
   warpgroup MMAs (m64n256k16, accumulator in registers) only after the other has issued its
@@ -93,10 +94,20 @@ if HAVE_GLUON:
         n_tiles,
         KT: gl.constexpr,
     ):
-        mbarrier.expect(w_full, KT * w_desc.block_type.nbytes)
-        for kk in gl.static_range(KT):
-            tma.async_copy_global_to_shared(w_desc, [col0, kk * 64], w_full, wbufs.index(kk))
-        for i in range(n_tiles):
+        # W's first K chunk, the first x tile, then W's other chunks, each chunk with its own
+        # barrier: the first MMAs start once 64 KB have landed instead of 160 KB.
+        mbarrier.expect(w_full.index(0), w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [col0, 0], w_full.index(0), wbufs.index(0))
+        mbarrier.expect(x_full.index(0), KT * x_desc.block_type.nbytes)
+        for kk in gl.static_range(KT):  # tile 0 (n_tiles >= 1) into slot 0, free at the start
+            tma.async_copy_global_to_shared(
+                x_desc, [first * 64, kk * 64], x_full.index(0), xbufs.index(kk)
+            )
+        for kk in gl.static_range(1, KT):
+            bar = w_full.index(kk)
+            mbarrier.expect(bar, w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(w_desc, [col0, kk * 64], bar, wbufs.index(kk))
+        for i in range(1, n_tiles):
             s = i % 3
             mbarrier.wait(x_empty.index(s), ((i // 3) & 1) ^ 1)
             bar = x_full.index(s)
@@ -133,12 +144,12 @@ if HAVE_GLUON:
         if HAS_BIAS:
             cols = col0 + gl.arange(0, 256, layout=gl.SliceLayout(0, mma))
             bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
-        mbarrier.wait(w_full, 0)
         for i in range(C, n_tiles, 2):
             s = i % 3
             k = i // 2
             mbarrier.wait(x_full.index(s), (i // 3) & 1)
             mbarrier.wait(turn.index(C), (k & 1) ^ (1 - C))
+            mbarrier.wait(w_full.index(0), 0)  # W's chunks land once: later waits pass at once
             tok = warpgroup_mma(
                 xbufs.index(s * KT),
                 wbufs.index(0).permute((1, 0)),
@@ -147,6 +158,7 @@ if HAVE_GLUON:
                 is_async=True,
             )
             for kk in gl.static_range(1, KT):
+                mbarrier.wait(w_full.index(kk), 0)
                 tok = warpgroup_mma(
                     xbufs.index(s * KT + kk), wbufs.index(kk).permute((1, 0)), tok, is_async=True
                 )
@@ -182,12 +194,13 @@ if HAVE_GLUON:
         wbufs = gl.allocate_shared_memory(dtype, [KT, 256, 64], w_desc.layout)
         x_full = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
         x_empty = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
-        w_full = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        w_full = gl.allocate_shared_memory(gl.int64, [KT, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for b in gl.static_range(3):
             mbarrier.init(x_full.index(b), count=1)
             mbarrier.init(x_empty.index(b), count=1)
-        mbarrier.init(w_full.index(0), count=1)
+        for b in gl.static_range(KT):
+            mbarrier.init(w_full.index(b), count=1)
         mbarrier.init(turn.index(0), count=1)
         mbarrier.init(turn.index(1), count=1)
         fence_async_shared()
@@ -216,7 +229,7 @@ if HAVE_GLUON:
                         wbufs,
                         x_full,
                         x_empty,
-                        w_full.index(0),
+                        w_full,
                         turn,
                         bias_ptr,
                         N,
@@ -238,7 +251,7 @@ if HAVE_GLUON:
                         wbufs,
                         x_full,
                         x_empty,
-                        w_full.index(0),
+                        w_full,
                         turn,
                         bias_ptr,
                         N,
@@ -259,7 +272,7 @@ if HAVE_GLUON:
                         wbufs,
                         x_full,
                         x_empty,
-                        w_full.index(0),
+                        w_full,
                         col0,
                         first,
                         n_tiles,

@@ -21,12 +21,13 @@ session 10). This Gluon kernel (Triton's explicit-layout dialect) does that over
 The default kernel (``_conv_front_k16_kernel``, :data:`CONV1_K16`) runs conv1 as a K = 16
 product instead: conv1 is the same 3 x 3 filter at every conv2 tap, only its input window moves,
 so each row's nine tap windows (9 samples + the bias column, padded to 16) are gathered once
-into registers and multiplied by a resident (16, C) conv1 weight -- one m64n64k16 MMA per K
-step instead of four m64n64k16 on the 7 x 7 patch, the K steps unrolled so every buffer index
-is static. H200, fp16, C = 256: 186 -> 172 us at 64 x 256 frames, ~700 -> 663 us at 64 x 1024
-(BENCHMARKS.md, session 11). Its conv1 sums ten products in another order than the Triton
-kernel, so its output may differ from it in the last bit of a conv1 value (tests bound it by the
-Triton kernel's own error against float32); the K = 64 kernel gives the Triton kernel's bits.
+into shared memory and multiplied by a resident (16, C) conv1 weight -- one m64n64k16 MMA per K
+step instead of four on the 7 x 7 patch. H200, fp16, C = 256: 187 -> 175.5 us at 64 x 256
+frames, ~700 -> 669 us at 64 x 1024 (BENCHMARKS.md, session 11; a fully unrolled variant with
+the windows in registers ran 172 us but took 22 s to compile, this one 2 s). Its conv1 sums ten
+products in another order than the Triton kernel, so its output may differ from it in the last
+bit of a conv1 value (tests bound it by the Triton kernel's own error against float32); the
+K = 64 kernel gives the Triton kernel's bits.
 
 Same arithmetic as the Triton kernels (float32 accumulation, conv1 rounded once after its ReLU,
 conv2's bias and ReLU in float32). Constraints (:func:`supported`): float16/bfloat16 on
@@ -175,7 +176,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _tap_patch(X, MEAN, ISTD, bi, t2, f2, row_ok, sxb, sxt, sxf,
                    TAP: gl.constexpr, HAS_CMVN: gl.constexpr, blk: gl.constexpr,
-                   dtype: gl.constexpr, a1_layout: gl.constexpr):  # fmt: skip
+                   dtype: gl.constexpr):  # fmt: skip
         """(BM, 16) conv1 A operand of conv2 tap TAP: the 3 x 3 input window (CMVN'd) of each
         row's conv1 position at that tap in columns p * 3 + q, 1 in column 9 (conv1's bias)."""
         pc = gl.arange(0, 16, layout=gl.SliceLayout(0, blk))
@@ -191,17 +192,18 @@ if HAVE_GLUON:
             mean = gl.load(MEAN + f_idx, mask=ok, other=0.0)
             istd = gl.load(ISTD + f_idx, mask=ok, other=0.0)
             v = (v - mean) * istd
-        v = gl.where(gl.expand_dims(pc == 9, 0), 1.0, v).to(dtype)
-        return gl.convert_layout(v, a1_layout)
+        return gl.where(gl.expand_dims(pc == 9, 0), 1.0, v).to(dtype)
 
     @gluon.jit
-    def _issue_w2(w2_desc, step, bars, w2s, NCH: gl.constexpr, BLOCK_N: gl.constexpr):
-        """TMA of K step ``step``'s conv2 (64, C) tile into its stage (``step`` a constexpr)."""
+    def _issue_w2(w2_desc, step, bars, w2s, pred, NCH: gl.constexpr, BLOCK_N: gl.constexpr):
+        """TMA of K step ``step``'s conv2 (64, C) tile into its stage."""
         tap = step // NCH
         k0 = (step - tap * NCH) * 64
         bar = bars.index(step % 4)
-        mbarrier.expect(bar, w2_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w2_desc, [tap * BLOCK_N + k0, 0], bar, w2s.index(step % 4))
+        mbarrier.expect(bar, w2_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(
+            w2_desc, [tap * BLOCK_N + k0, 0], bar, w2s.index(step % 4), pred
+        )
 
     @gluon.jit
     def _conv_front_k16_kernel(
@@ -221,11 +223,12 @@ if HAVE_GLUON:
         )
         blk: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [8, 1], [1, 0])
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, 64], dtype)
-        a1_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma1, k_width=2)
+        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, 16], dtype)
 
         w1s = gl.allocate_shared_memory(dtype, [NCH] + w1_desc.block_type.shape, w1_desc.layout)
         w2s = gl.allocate_shared_memory(dtype, [4] + w2_desc.block_type.shape, w2_desc.layout)
         a_s = gl.allocate_shared_memory(dtype, [2, BM, 64], a_layout)
+        p_s = gl.allocate_shared_memory(dtype, [9, BM, 16], p_layout)
         bars = gl.allocate_shared_memory(gl.int64, [5, 1], mbarrier.MBarrierLayout())
         for b in gl.static_range(5):
             mbarrier.init(bars.index(b), count=1)
@@ -234,45 +237,47 @@ if HAVE_GLUON:
         for ch in gl.static_range(NCH):  # conv1's (16, C) weights, resident
             tma.async_copy_global_to_shared(w1_desc, [0, ch * 64], w1bar, w1s.index(ch))
         for st in gl.static_range(3):
-            _issue_w2(w2_desc, st, bars, w2s, NCH, BLOCK_N)
+            _issue_w2(w2_desc, st, bars, w2s, True, NCH, BLOCK_N)
 
+        # The nine (BM, 16) conv1 operands, gathered once into shared memory.
         rows = gl.program_id(0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
         row_ok = rows < M
         bi = rows // T2F2
         rem = rows - bi * T2F2
         t2 = rem // F2
         f2 = rem - t2 * F2
-        patches = ()
-        for tap in gl.static_range(9):  # the nine (BM, 16) conv1 operands, in registers
-            patches = patches + (
-                _tap_patch(X, MEAN, ISTD, bi, t2, f2, row_ok, sxb, sxt, sxf,
-                           tap, HAS_CMVN, blk, dtype, a1_layout),
+        for t in gl.static_range(9):
+            p_s.index(t).store(
+                _tap_patch(X, MEAN, ISTD, bi, t2, f2, row_ok, sxb, sxt, sxf, t, HAS_CMVN, blk,
+                           dtype)
             )  # fmt: skip
+        fence_async_shared()
+        gl.thread_barrier()
 
         zero1 = gl.zeros([BM, 64], gl.float32, mma1)
         mbarrier.wait(w1bar, 0)
-        h = warpgroup_mma(patches[0], w1s.index(0), zero1, use_acc=False)
+        mbarrier.wait(bars.index(0), 0)
+        h = warpgroup_mma(p_s.index(0), w1s.index(0), zero1, use_acc=False)
         a_s.index(0).store(gl.maximum(h, 0.0).to(dtype))
         fence_async_shared()
         gl.thread_barrier()
 
         acc = warpgroup_mma_init(gl.zeros([BM, BLOCK_N], gl.float32, mma2))
-        for i in gl.static_range(N_STEPS):
+        for i in range(N_STEPS):
             # As the K = 64 kernel above: conv1 of step i + 1 and conv2 of step i in flight, the
-            # ReLU of step i + 1 into the other A buffer while conv2 runs; every index static.
-            if i + 1 < N_STEPS:
-                mbarrier.wait(bars.index((i + 1) % 4), ((i + 1) // 4) & 1)
-                h_tok = warpgroup_mma(patches[(i + 1) // NCH], w1s.index((i + 1) % NCH), zero1,
-                                      use_acc=False, is_async=True)  # fmt: skip
-                acc = warpgroup_mma(a_s.index(i % 2), w2s.index(i % 4), acc, is_async=True)
-                h = warpgroup_mma_wait(1, deps=[h_tok])
-                a_s.index((i + 1) % 2).store(gl.maximum(h, 0.0).to(dtype))
-                fence_async_shared()
-                gl.thread_barrier()
-                if i + 3 < N_STEPS:
-                    _issue_w2(w2_desc, i + 3, bars, w2s, NCH, BLOCK_N)
-            else:
-                acc = warpgroup_mma(a_s.index(i % 2), w2s.index(i % 4), acc, is_async=True)
+            # ReLU of step i + 1 into the other A buffer while conv2 runs.
+            nxt = i + 1
+            has_next = nxt < N_STEPS  # else conv1 reads a stale stage: result unused
+            mbarrier.wait(bars.index(nxt % 4), (nxt // 4) & 1, pred=has_next)
+            nxt_tap = gl.minimum(nxt // NCH, 8)
+            h_tok = warpgroup_mma(p_s.index(nxt_tap), w1s.index(nxt % NCH), zero1, use_acc=False,
+                                  is_async=True)  # fmt: skip
+            acc = warpgroup_mma(a_s.index(i % 2), w2s.index(i % 4), acc, is_async=True)
+            h = warpgroup_mma_wait(1, deps=[h_tok])
+            a_s.index(nxt % 2).store(gl.maximum(h, 0.0).to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            _issue_w2(w2_desc, i + 3, bars, w2s, i + 3 < N_STEPS, NCH, BLOCK_N)
         acc = warpgroup_mma_wait(0, deps=[acc])
 
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma2))

@@ -1,3 +1,5 @@
+import os, time, tempfile
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
 import torch
 import speechrt.kernels.conv_front_wgmma as cf
 from speechrt.kernels.conv_subsampling import conv_subsampling, pack_conv_subsampling
@@ -13,6 +15,12 @@ w2 = torch.randn(c, c, 3, 3, device=dev) / 48; b2 = torch.randn(c, device=dev) *
 packed = pack_conv_subsampling(w1, b1, w2, b2, torch.float16)
 mean = torch.randn(80, device=dev); istd = torch.rand(80, device=dev) + 0.5
 with torch.inference_mode():
+    x = torch.randn(16, 1024, 80, device=dev)
+    for v in (True, False):
+        cf.CONV1_K16 = v
+        torch.cuda.synchronize(); t0 = time.perf_counter()
+        conv_subsampling(x, packed, mean, istd); torch.cuda.synchronize()
+        print("first call (compile)", "k16" if v else "k64", round(time.perf_counter() - t0, 2), "s", flush=True)
     for b, t in [(64, 256), (16, 1024), (64, 1024), (16, 256), (1, 1024)]:
         x = torch.randn(b, t, 80, device=dev)
         res = {}

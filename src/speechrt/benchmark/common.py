@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import gc
 import os
 import platform
 import statistics
@@ -159,7 +160,10 @@ class PeakMemory:
 
 
 def free_cuda_cache(device: str) -> None:
-    """Return cached CUDA blocks to the driver (between models), a no-op on CPU."""
+    """Collect unreachable objects (an engine and its captured graphs form reference cycles,
+    which would otherwise be freed in the middle of the next model's memory measurements), then
+    return cached CUDA blocks to the driver (between models); no CUDA work on CPU."""
+    gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

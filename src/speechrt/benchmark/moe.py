@@ -73,7 +73,7 @@ from speechrt.benchmark.common import (
 )
 from speechrt.benchmark.conformer import ENC_GATE, trained_like_
 from speechrt.engine.batching import DEFAULT_BATCH_BUCKETS, Buckets, pad_to
-from speechrt.engine.precision import Precision, parse_dtype
+from speechrt.engine.precision import Precision, cast_keeping_norms, parse_dtype
 
 SHAPES = ((1, 206), (1, 1024), (1, 2048), (16, 1024))
 MIB = 2**20
@@ -247,7 +247,8 @@ class MoEBench:
     def _net(self, dt: str):
         if dt == "fp32":
             return self.net32
-        return copy.deepcopy(self.net32).to(parse_dtype(dt))
+        # As load_conformer_moe stores a half-precision network: norms stay float32.
+        return cast_keeping_norms(copy.deepcopy(self.net32), parse_dtype(dt))
 
     def run_dtype(self, dt: str) -> None:
         """Build the ``dt`` network and engine, then memory and latency rows for every shape."""

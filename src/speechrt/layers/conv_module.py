@@ -17,6 +17,7 @@ from torch import nn
 
 from speechrt.layers.ffn import make_activation
 from speechrt.layers.masks import lengths_to_mask
+from speechrt.layers.norms import LayerNorm
 
 
 class ConvModule(nn.Module):
@@ -48,7 +49,7 @@ class ConvModule(nn.Module):
             bias=bias,
         )
         self.norm_type = norm
-        self.norm = nn.BatchNorm1d(channels) if norm == "batch_norm" else nn.LayerNorm(channels)
+        self.norm = nn.BatchNorm1d(channels) if norm == "batch_norm" else LayerNorm(channels)
         self.act = make_activation(activation)
         self.pw2 = nn.Conv1d(channels, channels, 1, bias=bias)
 

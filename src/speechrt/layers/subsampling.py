@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from speechrt.errors import UnsupportedOptionError
+from speechrt.layers.norms import LayerNorm
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Subsampling(nn.Module):
         self.mask = mask  # "full_window" (WeNet) | "first_frame" (3M-ASR)
         if kind == "linear":
             self.proj = nn.Linear(idim, odim)
-            self.norm = nn.LayerNorm(odim, eps=1e-5)
+            self.norm = LayerNorm(odim, eps=1e-5)
             self.rate, self.right_context = 1, 0
             self.convs = nn.ModuleList()
             return

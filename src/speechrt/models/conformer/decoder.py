@@ -14,6 +14,7 @@ from torch import nn
 
 from speechrt.layers.attention import MultiHeadAttention, attend
 from speechrt.layers.masks import AttentionSpec
+from speechrt.layers.norms import LayerNorm
 from speechrt.layers.positional import positions
 from speechrt.models.conformer.config import DecoderConfig
 from speechrt.models.conformer.encoder import make_mlp
@@ -28,9 +29,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(d, cfg.attention_heads)
         self.cross_attn = MultiHeadAttention(d, cfg.attention_heads)
         self.ff = make_mlp(d, cfg.linear_units, cfg.mlp)
-        self.norm1 = nn.LayerNorm(d, eps=LN_EPS)
-        self.norm2 = nn.LayerNorm(d, eps=LN_EPS)
-        self.norm3 = nn.LayerNorm(d, eps=LN_EPS)
+        self.norm1 = LayerNorm(d, eps=LN_EPS)
+        self.norm2 = LayerNorm(d, eps=LN_EPS)
+        self.norm3 = LayerNorm(d, eps=LN_EPS)
 
     def _pre(self, norm, x):
         return norm(x) if self.normalize_before else x
@@ -75,7 +76,7 @@ class TransformerDecoder(nn.Module):
         self.normalize_before = cfg.normalize_before
         self.embed = nn.Embedding(vocab, d)
         self.layers = nn.ModuleList(DecoderLayer(d, cfg) for _ in range(num_blocks))
-        self.final_norm = nn.LayerNorm(d, eps=LN_EPS)  # WeNet's after_norm
+        self.final_norm = LayerNorm(d, eps=LN_EPS)  # WeNet's after_norm
         self.out = nn.Linear(d, vocab)
 
     def project_memory(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -24,6 +24,7 @@ from speechrt.layers.attention import MultiHeadAttention
 from speechrt.layers.conv_module import ConvModule
 from speechrt.layers.ffn import FeedForward, GatedFeedForward
 from speechrt.layers.masks import AttentionSpec
+from speechrt.layers.norms import LayerNorm
 from speechrt.layers.positional import positions
 from speechrt.layers.subsampling import Subsampling
 from speechrt.models.conformer.config import EncoderConfig, MlpConfig
@@ -67,18 +68,18 @@ class EncoderBlock(nn.Module):
         self.ff_macaron = None
         if cfg.macaron:
             self.ff_macaron = make_mlp(d, cfg.linear_units, cfg.mlp)
-            self.norm_ff_macaron = nn.LayerNorm(d, eps=eps)
+            self.norm_ff_macaron = LayerNorm(d, eps=eps)
         self.attn = MultiHeadAttention(d, cfg.attention_heads, rel_pos=cfg.rel_attention)
-        self.norm_attn = nn.LayerNorm(d, eps=eps)
+        self.norm_attn = LayerNorm(d, eps=eps)
         self.conv = None
         if cfg.conv:
             self.conv = ConvModule(
                 d, cfg.cnn_module_kernel, cfg.activation_type, cfg.cnn_module_norm, cfg.causal
             )
-            self.norm_conv = nn.LayerNorm(d, eps=eps)
-            self.norm_final = nn.LayerNorm(d, eps=eps)
+            self.norm_conv = LayerNorm(d, eps=eps)
+            self.norm_final = LayerNorm(d, eps=eps)
         self.ff = ff if ff is not None else make_mlp(d, cfg.linear_units, cfg.mlp)
-        self.norm_ff = nn.LayerNorm(d, eps=eps)
+        self.norm_ff = LayerNorm(d, eps=eps)
 
     def _sublayer(self, x, norm, fn, scale=1.0):
         y = fn(norm(x) if self.normalize_before else x)
@@ -145,7 +146,7 @@ class Encoder(nn.Module):
             EncoderBlock(cfg, ff_factory(cfg) if ff_factory else None)
             for _ in range(cfg.num_blocks)
         )
-        self.final_norm = nn.LayerNorm(d, eps=cfg.norm_eps)  # WeNet's after_norm
+        self.final_norm = LayerNorm(d, eps=cfg.norm_eps)  # WeNet's after_norm
 
     @property
     def rate(self) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from speechrt.engine.precision import Precision, parse_dtype
+from speechrt.engine.precision import Precision, cast_keeping_norms, parse_dtype
 from speechrt.errors import ModelFormatError
 from speechrt.models.conformer.load import want_fused_engine
 from speechrt.models.conformer.tokenizer import SymbolTable
@@ -135,7 +135,7 @@ def load_conformer_moe(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = parse_dtype(dtype)
-    net = net.to(device=device, dtype=dtype)
+    net = cast_keeping_norms(net, dtype, device)
     fast = None
     if want_fused_engine(net, device, engine, supports_fused_moe):
         fast = build_engine(net, Precision.of(dtype), cmvn, cuda_graphs)

@@ -180,22 +180,16 @@ def test_conformer_shape_every_config(config, dtype, device, check_output, max_e
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k16", [True, False])
 @pytest.mark.parametrize("c", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cmvn_on", [True, False])
-def test_gluon_kernel_matches_triton_kernel(
-    c, dtype, cmvn_on, k16, device, check_output, max_err, monkeypatch
-):
-    """The Hopper Gluon kernels (conv_front_wgmma) against the float32 reference: an odd T whose
-    last row tile is ragged, a strided input, with and without CMVN. The K = 64 conv1 kernel
-    equals this module's Triton kernel bit for bit (same products, same float32 sums); the
-    K = 16 one (the default: conv1 on each tap's 3 x 3 window) sums conv1's ten products in
-    another order, so it is held to differ from the Triton kernel by no more than the Triton
-    kernel differs from the float32 reference."""
+def test_gluon_kernel_matches_triton_kernel(c, dtype, cmvn_on, device, check_output, max_err):
+    """The Hopper Gluon kernel (conv_front_wgmma) against the float32 reference: an odd T whose
+    last row tile is ragged, a strided input, with and without CMVN. Its conv1 sums its ten
+    products in another order than this module's Triton kernel, so it may differ from it in the
+    last bit of a conv1 value: its error against float32 is held to twice the Triton kernel's."""
     if not conv_front_wgmma.supported(c, dtype, torch.device(device)):
         pytest.skip("the Gluon conv front needs compute capability 9.x and Gluon")
-    monkeypatch.setattr(conv_front_wgmma, "CONV1_K16", k16)
     b, t, f = 5, 203, 80
     x = _feats(b, f, t, device).transpose(1, 2)  # (B, T, F) with a non-unit feature stride
     convs = _convs(c, device)
@@ -208,17 +202,14 @@ def test_gluon_kernel_matches_triton_kernel(
     conv_front_wgmma.conv_front_wgmma(x, packed, mean_t, istd_t, cmvn_on, y, b * t2 * f2, t2, f2)
     _check(y, x, convs, cmvn, dtype, check_output, max_err)
     triton_y = conv_subsampling(x, packed, *cmvn, config=ConvFrontConfig(128, c, 64, 8, 3))
-    if not k16:
-        assert torch.equal(y, triton_y)
-    else:
-        gold = conv_subsampling_ref(x, *convs, *cmvn, upcast=True)
-        assert max_err(y, triton_y) <= max_err(triton_y, gold) + 1e-6
+    gold = conv_subsampling_ref(x, *convs, *cmvn, upcast=True)
+    assert max_err(y, gold) <= 2 * max_err(triton_y, gold) + 1e-6
 
 
 @pytest.mark.gpu
-def test_default_takes_gluon_kernel_from_half_a_wave(device):
-    """config=None picks the Gluon kernel where it applies (the K = 64 conv1 kernel: the same
-    bits as the Triton kernel), and GLUON = False returns to the Triton kernel."""
+def test_default_takes_gluon_kernel_from_half_a_wave(device, max_err):
+    """config=None picks the Gluon kernel where it applies, and GLUON = False returns to the
+    Triton kernel (the Gluon kernel's error against float32 within twice the Triton kernel's)."""
     from speechrt.kernels import conv_subsampling as module
 
     x = _feats(16, 256, 80, device)
@@ -227,14 +218,12 @@ def test_default_takes_gluon_kernel_from_half_a_wave(device):
     m = 16 * output_size(256) * output_size(80)
     uses_gluon = module._gluon_front(m, 256, torch.float16, x.device)
     assert uses_gluon == conv_front_wgmma.supported(256, torch.float16, x.device)
-    conv_front_wgmma.CONV1_K16 = False
-    try:
-        y = conv_subsampling(x, packed, *cmvn)
-    finally:
-        conv_front_wgmma.CONV1_K16 = True
+    y = conv_subsampling(x, packed, *cmvn)
     module.GLUON = False
     try:
         assert not module._gluon_front(m, 256, torch.float16, x.device)
-        assert torch.equal(conv_subsampling(x, packed, *cmvn), y)
+        triton_y = conv_subsampling(x, packed, *cmvn)
+        gold = conv_subsampling_ref(x, *convs, *cmvn, upcast=True)
+        assert max_err(y, gold) <= 2 * max_err(triton_y, gold) + 1e-6
     finally:
         module.GLUON = True

@@ -8,32 +8,28 @@ this step's conv2 product is 20-25 % faster but not safe in Triton 3.6 (the next
 written into registers the in-flight conv2 MMA still reads as its A operand; BENCHMARKS.md,
 session 10). This Gluon kernel (Triton's explicit-layout dialect) does that overlap safely:
 
+* conv1 is the same 3 x 3 filter at every conv2 tap, only its input window moves: each row's
+  nine tap windows (9 samples + a 1 for the bias, padded to K = 16) are gathered once into
+  shared memory, and conv1 of a K step is one m64n64k16 MMA against a resident (16, C) weight
+  (the Triton kernel's 7 x 7 patch needs K = 64: four times the MMA work);
 * the ReLU'd conv1 tile goes to shared memory (two buffers), and conv2's warpgroup MMA reads its
-  A operand from there, so no register is read asynchronously except the loop-invariant patch
-  (conv1's A operand);
+  A operand from there, so no register is read asynchronously;
 * per K step ``i``: issue conv1's MMA for step ``i + 1``, then conv2's MMA for step ``i``, wait
-  until only the latter is in flight, apply the ReLU and rounding of step ``i + 1`` (conv1's
-  bias comes in through the patch's constant column) on the CUDA cores and store the tile to the
-  other buffer while conv2's MMA runs;
-* both weights stream through a TMA ring of 4 stages, a stage refilled once the conv2 MMA
+  until only the latter is in flight, apply the ReLU and rounding of step ``i + 1`` on the CUDA
+  cores and store the tile to the other buffer while conv2's MMA runs;
+* conv2's weights stream through a TMA ring of 4 stages, a stage refilled once the conv2 MMA
   reading it is known complete in both warpgroups.
 
-The default kernel (``_conv_front_k16_kernel``, :data:`CONV1_K16`) runs conv1 as a K = 16
-product instead: conv1 is the same 3 x 3 filter at every conv2 tap, only its input window moves,
-so each row's nine tap windows (9 samples + the bias column, padded to 16) are gathered once
-into shared memory and multiplied by a resident (16, C) conv1 weight -- one m64n64k16 MMA per K
-step instead of four on the 7 x 7 patch. H200, fp16, C = 256: 187 -> 175.5 us at 64 x 256
-frames, ~700 -> 669 us at 64 x 1024 (BENCHMARKS.md, session 11; a fully unrolled variant with
-the windows in registers ran 172 us but took 22 s to compile, this one 2 s). Its conv1 sums ten
-products in another order than the Triton kernel, so its output may differ from it in the last
-bit of a conv1 value (tests bound it by the Triton kernel's own error against float32); the
-K = 64 kernel gives the Triton kernel's bits.
+H200, fp16, C = 256: 175.5 us at 64 x 256 frames (the session-10 version with the K = 64 conv1:
+187; the Triton kernel: 239), 669 us at 64 x 1024 (BENCHMARKS.md, session 11; a fully unrolled
+variant with the windows in registers ran 172 us but took 22 s to compile, this one 2 s).
 
 Same arithmetic as the Triton kernels (float32 accumulation, conv1 rounded once after its ReLU,
-conv2's bias and ReLU in float32). Constraints (:func:`supported`): float16/bfloat16 on
-compute capability 9.x, C = 64, 128 or 256. Gluon has no CPU interpreter: the kernel
-is tested on the GPU only (``tests/kernels/test_conv_subsampling.py``), against the same
-reference as the Triton kernels.
+conv2's bias and ReLU in float32), except that conv1's ten products are summed in another order:
+a conv1 value may differ from the Triton kernel's in its last bit (the tests hold its error
+against float32 to twice the Triton kernel's). Constraints (:func:`supported`):
+float16/bfloat16 on compute capability 9.x, C = 64, 128 or 256. Gluon has no CPU interpreter:
+the kernel is tested on the GPU only (``tests/kernels/test_conv_subsampling.py``).
 """
 
 from __future__ import annotations
@@ -59,7 +55,6 @@ __all__ = ["conv_front_wgmma", "supported"]
 
 BLOCK_M = 128  # output positions per program (two warpgroups of 64)
 BLOCK_K = 64  # conv1 channels per K step
-PATCH = 64  # 7 x 7 input samples + the bias column, padded
 
 
 def supported(channels: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -67,108 +62,6 @@ def supported(channels: int, dtype: torch.dtype, device: torch.device) -> bool:
     if not hopper(device) or dtype not in (torch.float16, torch.bfloat16):
         return False
     return channels in (64, 128, 256)
-
-
-if HAVE_GLUON:
-
-    @gluon.jit
-    def _issue_loads(w1_desc, w2_desc, step, n_chunks, C, bars, w1s, w2s, pred):
-        """TMA of K step ``step``'s conv1 (PATCH, 64) and conv2 (64, C) tiles into its stage."""
-        s = step % 4
-        tap = step // n_chunks
-        k0 = (step - tap * n_chunks) * 64
-        bar = bars.index(s)
-        mbarrier.expect(bar, w1_desc.block_type.nbytes + w2_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(w1_desc, [tap * 64, k0], bar, w1s.index(s), pred)
-        tma.async_copy_global_to_shared(w2_desc, [tap * C + k0, 0], bar, w2s.index(s), pred)
-
-    @gluon.jit
-    def _conv_front_wgmma_kernel(
-        X, MEAN, ISTD, w1_desc, w2_desc, B2, OUT,
-        M, T2F2, F2, C, sxb, sxt, sxf, stride_om,
-        HAS_CMVN: gl.constexpr, BLOCK_N: gl.constexpr,
-    ):  # fmt: skip
-        BM: gl.constexpr = 128
-        dtype: gl.constexpr = w2_desc.dtype
-        mma1: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, 64, 16]
-        )
-        mma2: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[8, 1], instr_shape=[16, BLOCK_N, 16]
-        )
-        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
-        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, 64], dtype)
-
-        w1s = gl.allocate_shared_memory(dtype, [4] + w1_desc.block_type.shape, w1_desc.layout)
-        w2s = gl.allocate_shared_memory(dtype, [4] + w2_desc.block_type.shape, w2_desc.layout)
-        a_s = gl.allocate_shared_memory(dtype, [2, BM, 64], a_layout)
-        bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
-        for b in gl.static_range(4):
-            mbarrier.init(bars.index(b), count=1)
-
-        n_chunks = C // 64
-        n_steps = 9 * n_chunks  # >= 9
-        for st in gl.static_range(3):
-            _issue_loads(w1_desc, w2_desc, st, n_chunks, C, bars, w1s, w2s, True)
-
-        # The (BM, PATCH) input patches, CMVN'd, column 49 = 1 (conv1's bias), as conv1's A.
-        rows = gl.program_id(0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, blk))
-        row_ok = rows < M
-        bi = rows // T2F2
-        rem = rows - bi * T2F2
-        t2 = rem // F2
-        f2 = rem - t2 * F2
-        pc = gl.arange(0, 64, layout=gl.SliceLayout(0, blk))  # PATCH
-        r = pc // 7
-        s = pc - 7 * r
-        t_idx = gl.expand_dims(4 * t2, 1) + gl.expand_dims(r, 0)
-        f_idx = gl.expand_dims(4 * f2, 1) + gl.expand_dims(s, 0)
-        p_ok = gl.expand_dims(row_ok, 1) & gl.expand_dims(pc < 49, 0)
-        ptr = (X + gl.expand_dims(bi.to(gl.int64) * sxb, 1) + t_idx.to(gl.int64) * sxt
-               + f_idx.to(gl.int64) * sxf)  # fmt: skip
-        patch = gl.load(ptr, mask=p_ok, other=0.0).to(gl.float32)
-        if HAS_CMVN:
-            mean = gl.load(MEAN + f_idx, mask=p_ok, other=0.0)
-            istd = gl.load(ISTD + f_idx, mask=p_ok, other=0.0)
-            patch = (patch - mean) * istd
-        patch = gl.where(gl.expand_dims(pc == 49, 0), 1.0, patch).to(dtype)
-        a1_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma1, k_width=2)
-        patch = gl.convert_layout(patch, a1_layout)
-
-        zero1 = gl.zeros([BM, 64], gl.float32, mma1)
-        # Step 0's conv1 tile, ReLU'd into a buffer.
-        mbarrier.wait(bars.index(0), 0)
-        h = warpgroup_mma(patch, w1s.index(0), zero1, use_acc=False)
-        a_s.index(0).store(gl.maximum(h, 0.0).to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-
-        acc = warpgroup_mma_init(gl.zeros([BM, BLOCK_N], gl.float32, mma2))
-        for i in range(n_steps):
-            # In flight while this iteration's CUDA-core work runs: conv2 of step i. Stages:
-            # i (conv2's B), i + 1 (conv1's B), i + 2 landing, i - 1 = i + 3 free once conv2 of
-            # step i - 1 is known complete in both warpgroups (after the barrier below).
-            nxt = i + 1
-            has_next = nxt < n_steps  # else conv1 reads a stale stage: result unused
-            mbarrier.wait(bars.index(nxt % 4), (nxt // 4) & 1, pred=has_next)
-            h_tok = warpgroup_mma(patch, w1s.index(nxt % 4), zero1, use_acc=False, is_async=True)
-            acc = warpgroup_mma(a_s.index(i % 2), w2s.index(i % 4), acc, is_async=True)
-            # All groups but the last (conv2 of step i) are done: conv1 of step i + 1 and conv2
-            # of step i - 1, whose A buffer (nxt % 2) takes the ReLU of step i + 1 now.
-            h = warpgroup_mma_wait(1, deps=[h_tok])
-            a_s.index(nxt % 2).store(gl.maximum(h, 0.0).to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()
-            _issue_loads(w1_desc, w2_desc, i + 3, n_chunks, C, bars, w1s, w2s, i + 3 < n_steps)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma2))
-        out = gl.maximum(acc + gl.expand_dims(gl.load(B2 + cols), 0), 0.0)
-        orow = gl.program_id(0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, mma2))
-        optr = OUT + gl.expand_dims(orow.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
-        gl.store(optr, out.to(dtype), mask=gl.expand_dims(orow < M, 1))
-        for b in gl.static_range(4):
-            mbarrier.invalidate(bars.index(b))
 
 
 if HAVE_GLUON:
@@ -264,8 +157,11 @@ if HAVE_GLUON:
 
         acc = warpgroup_mma_init(gl.zeros([BM, BLOCK_N], gl.float32, mma2))
         for i in range(N_STEPS):
-            # As the K = 64 kernel above: conv1 of step i + 1 and conv2 of step i in flight, the
-            # ReLU of step i + 1 into the other A buffer while conv2 runs.
+            # In flight while this iteration's CUDA-core work runs: conv2 of step i. Stages:
+            # i (conv2's B), i + 1 landing, i + 2 landing, i - 1 = i + 3 free once conv2 of
+            # step i - 1 is known complete in both warpgroups (after the barrier below). The
+            # wait leaves only conv2 of step i in flight: conv1 of step i + 1 is done, and so
+            # is conv2 of step i - 1, whose A buffer (nxt % 2) takes the ReLU of step i + 1.
             nxt = i + 1
             has_next = nxt < N_STEPS  # else conv1 reads a stale stage: result unused
             mbarrier.wait(bars.index(nxt % 4), (nxt // 4) & 1, pred=has_next)
@@ -289,29 +185,15 @@ if HAVE_GLUON:
             mbarrier.invalidate(bars.index(b))
 
 
-# conv1 as a K = 16 product on each tap's 3 x 3 window (``_conv_front_k16_kernel``) instead of a
-# K = 64 product on the 7 x 7 patch: a quarter of conv1's MMA work. Read at each launch.
-CONV1_K16 = True
-
-
 def conv_front_wgmma(x, weights, mean_t, istd_t, cmvn: bool, y, m: int, t2: int, f2: int) -> None:
     """Launch for :func:`speechrt.kernels.conv_subsampling.conv_subsampling` (its checks done):
     x (B, T, F), packed weights, float32 CMVN vectors (any tensors when ``cmvn`` is False), y
     the (B, T2, F2 * C) output."""
     c = weights.channels
-    if CONV1_K16:
-        _conv_front_k16_kernel[(cdiv(m, BLOCK_M),)](
-            x, mean_t, istd_t,
-            descriptor(weights.w1_3x3, [16, BLOCK_K]),
-            descriptor(weights.w2, [BLOCK_K, c]),
-            weights.b2, y, m, t2 * f2, f2, x.stride(0), x.stride(1), x.stride(2), c,
-            HAS_CMVN=cmvn, BLOCK_N=c, num_warps=8,
-        )  # fmt: skip
-        return
-    _conv_front_wgmma_kernel[(cdiv(m, BLOCK_M),)](
+    _conv_front_k16_kernel[(cdiv(m, BLOCK_M),)](
         x, mean_t, istd_t,
-        descriptor(weights.w1, [PATCH, BLOCK_K]),
+        descriptor(weights.w1_3x3, [16, BLOCK_K]),
         descriptor(weights.w2, [BLOCK_K, c]),
-        weights.b2, y, m, t2 * f2, f2, c, x.stride(0), x.stride(1), x.stride(2), c,
+        weights.b2, y, m, t2 * f2, f2, x.stride(0), x.stride(1), x.stride(2), c,
         HAS_CMVN=cmvn, BLOCK_N=c, num_warps=8,
     )  # fmt: skip

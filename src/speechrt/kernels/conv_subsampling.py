@@ -111,9 +111,9 @@ CONFIGS_FP32: tuple[ConvFrontConfig, ...] = (
 PATCH = 64  # 7 x 7 input samples + 1 (the bias column), padded to a power of two
 # On compute capability 9.x, half precision, C = 64/128/256 and at least half a wave of 128-row
 # tiles, ``config=None`` runs the Gluon kernel of :mod:`speechrt.kernels.conv_front_wgmma` (conv1's
-# ReLU under conv2's MMAs; the same bits as this module's kernel). H200, C = 256, fp16:
-# 239 -> 191 us at 64 x 256 frames, 906 -> 692 at 64 x 1024, 89 -> 76 at 16 x 256 (BENCHMARKS.md,
-# session 10). Read at each launch, so a benchmark can compare both in one process.
+# ReLU under conv2's MMAs, conv1 at K = 16; within this kernel's own error of float32). H200,
+# C = 256, fp16: 239 -> 175.5 us at 64 x 256 frames, 906 -> 669 at 64 x 1024 (BENCHMARKS.md,
+# sessions 10-11). Read at each launch, so a benchmark can compare both in one process.
 GLUON = True
 # Half-precision channel counts the kernel is verified for on CUDA: on the H200 (Triton 3.6)
 # C = 24 gave wrong outputs at every shape while 8, 40, 48, 72, 80, 144 and 176 were right

@@ -104,8 +104,8 @@ def test_kernel_path_matches_torch_path(pt_path, features):
         mel = torch.randn(1, 80, N_FRAMES, generator=torch.Generator().manual_seed(3))
         gold = torch_model.embed_audio(mel)
         encoder = kernel_model.net.encoder
-        for packed, epilogue in ((True, True), (False, False)):  # default, then both off
-            encoder.options = EncoderOptions(packed_qkv=packed, fc1_epilogue=epilogue)
+        for packed, epilogue in ((True, True), (False, False)):  # default, then all off
+            encoder.options = EncoderOptions(packed, epilogue, fc1_cublaslt=epilogue)
             torch.testing.assert_close(kernel_model.embed_audio(mel), gold, atol=2e-4, rtol=2e-4)
         encoder.options = EncoderOptions()
 
@@ -169,6 +169,33 @@ def test_cuda_kernel_path_close_to_torch_path(pt_path, long_audio):
             ]
             outs.append(torch.stack(steps))
     torch.testing.assert_close(outs[1], outs[0], atol=0.05, rtol=0.02)
+
+
+@pytest.mark.gpu
+def test_cuda_encoder_fc1_variants_as_accurate(pt_path, long_audio):
+    """fp16 on CUDA: each fc1 path of the kernel encoder (cuBLASLt bias + tanh-GELU epilogue,
+    the Triton epilogue with the exact GELU, cuBLAS + GELU kernel) stays as close to the float32
+    torch encoder as the others: the tanh form's error is under float16's rounding."""
+    ref_model = load_whisper(pt_path, device="cuda", dtype=torch.float32)
+    ref_model.configure(kernels=False)
+    mel = ref_model.log_mel(long_audio.numpy(), padding=N_SAMPLES)[:, :N_FRAMES][None]
+    model = load_whisper(pt_path, device="cuda", dtype=torch.float16)
+    model.configure(kernels=True, cuda_graphs=False)
+    errs = {}
+    with torch.inference_mode():
+        gold = ref_model.embed_audio(mel)
+        for name, opts in {
+            "cublaslt": EncoderOptions(),
+            "triton": EncoderOptions(fc1_cublaslt=False),
+            "cublas": EncoderOptions(fc1_epilogue=False, fc1_cublaslt=False),
+        }.items():
+            model.net.encoder.options = opts
+            diff = (model.embed_audio(mel.half()).float() - gold).abs()
+            errs[name] = (diff.max().item(), diff.mean().item())
+        model.net.encoder.options = EncoderOptions()
+    worst = max(errs["triton"][0], errs["cublas"][0])
+    assert errs["cublaslt"][0] <= 1.5 * worst, errs
+    assert errs["cublaslt"][1] <= 1.2 * max(errs["triton"][1], errs["cublas"][1]), errs
 
 
 @pytest.mark.gpu

@@ -121,8 +121,18 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
         return self.fc2(F.gelu(self.fc1(x)))
 
-    def forward_fused(self, x: Tensor) -> Tensor:  # (B, T, D)
-        """Kernel path: GELU in fc1's GEMM epilogue (one write of the (B, T, 4D) hidden)."""
+    def forward_fused(self, x: Tensor, cublaslt: bool = False) -> Tensor:  # (B, T, D)
+        """Kernel path: GELU in fc1's GEMM epilogue (one write of the (B, T, 4D) hidden).
+
+        ``cublaslt``: for float16/bfloat16 on CUDA, fc1 through cuBLASLt with its bias + GELU
+        epilogue (``torch._addmm_activation``), whose GELU is the tanh form: it differs from the
+        exact GELU by at most 4.7e-4 (near x = 2.7), under half of float16's rounding step there
+        (2^-9); otherwise (float32, CPU) the Triton kernel with the exact GELU."""
+        if cublaslt and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            h = torch._addmm_activation(
+                self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True
+            )
+            return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
         from speechrt.kernels.linear_act import linear_act
 
         return self.fc2(linear_act(x, self.fc1.weight, self.fc1.bias, "gelu"))
@@ -214,7 +224,10 @@ class EncoderLayer(nn.Module):
         """Kernel path: FP32 residual x (B, T, D) and h = attn_norm(x) -> (x', next_norm(x'))."""
         branch = self.attend(h, packed=options.packed_qkv)
         x, h = _add_norm_fused(branch, x, self.ffn_norm)
-        branch = self.ffn.forward_fused(h) if options.fc1_epilogue else self.ffn(h)
+        if options.fc1_epilogue or options.fc1_cublaslt:
+            branch = self.ffn.forward_fused(h, cublaslt=options.fc1_cublaslt)
+        else:
+            branch = self.ffn(h)
         return _add_norm_fused(branch, x, next_norm)
 
 
@@ -223,10 +236,14 @@ class EncoderOptions:
     """Switches of the encoder's kernel path (benchmarks compare them in one run).
 
     ``packed_qkv``: q, k, v from one GEMM; ``fc1_epilogue``: GELU in fc1's GEMM epilogue
-    (:func:`~speechrt.kernels.linear_act.linear_act`) instead of cuBLAS + a GELU kernel."""
+    (:func:`~speechrt.kernels.linear_act.linear_act`) instead of cuBLAS + a GELU kernel;
+    ``fc1_cublaslt``: in float16/bfloat16 on CUDA, fc1 with bias + GELU (tanh form) in cuBLASLt's
+    epilogue instead (takes precedence over ``fc1_epilogue``; large-v3 16 x 30 s on the H200:
+    77.7 vs 80.4 ms, BENCHMARKS.md session 12)."""
 
     packed_qkv: bool = True
     fc1_epilogue: bool = True
+    fc1_cublaslt: bool = True
 
 
 class AudioEncoder(nn.Module):

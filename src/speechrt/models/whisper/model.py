@@ -239,7 +239,7 @@ class EncoderOptions:
     (:func:`~speechrt.kernels.linear_act.linear_act`) instead of cuBLAS + a GELU kernel;
     ``fc1_cublaslt``: in float16/bfloat16 on CUDA, fc1 with bias + GELU (tanh form) in cuBLASLt's
     epilogue instead (takes precedence over ``fc1_epilogue``; large-v3 16 x 30 s on the H200:
-    77.7 vs 80.4 ms, BENCHMARKS.md session 12)."""
+    76.4 vs 80.5 ms, BENCHMARKS.md session 12)."""
 
     packed_qkv: bool = True
     fc1_epilogue: bool = True

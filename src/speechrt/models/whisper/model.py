@@ -224,8 +224,9 @@ class EncoderLayer(nn.Module):
         """Kernel path: FP32 residual x (B, T, D) and h = attn_norm(x) -> (x', next_norm(x'))."""
         branch = self.attend(h, packed=options.packed_qkv)
         x, h = _add_norm_fused(branch, x, self.ffn_norm)
-        if options.fc1_epilogue or options.fc1_cublaslt:
-            branch = self.ffn.forward_fused(h, cublaslt=options.fc1_cublaslt)
+        lt = options.fc1_cublaslt and h.is_cuda and h.dtype in (torch.float16, torch.bfloat16)
+        if lt or options.fc1_epilogue:
+            branch = self.ffn.forward_fused(h, cublaslt=lt)
         else:
             branch = self.ffn(h)
         return _add_norm_fused(branch, x, next_norm)
@@ -238,7 +239,8 @@ class EncoderOptions:
     ``packed_qkv``: q, k, v from one GEMM; ``fc1_epilogue``: GELU in fc1's GEMM epilogue
     (:func:`~speechrt.kernels.linear_act.linear_act`) instead of cuBLAS + a GELU kernel;
     ``fc1_cublaslt``: in float16/bfloat16 on CUDA, fc1 with bias + GELU (tanh form) in cuBLASLt's
-    epilogue instead (takes precedence over ``fc1_epilogue``; large-v3 16 x 30 s on the H200:
+    epilogue instead (takes precedence over ``fc1_epilogue`` where it applies, which decides
+    elsewhere; large-v3 16 x 30 s on the H200:
     76.4 vs 80.5 ms, BENCHMARKS.md session 12)."""
 
     packed_qkv: bool = True

@@ -15,6 +15,7 @@ import torch
 
 from speechrt.errors import UnsupportedOptionError
 from speechrt.kernels.moe import (
+    GemmConfig,
     moe_experts,
     moe_experts_ref,
     moe_route,
@@ -179,6 +180,30 @@ def test_experts(n, k, kind, dtype, device, check_output):
                  atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["random", "skewed", "one_expert", "empty"])
+@pytest.mark.parametrize("n, k", [(67, 1), (40, 2)])
+def test_experts_persistent(n, k, kind, dtype, device, check_output):
+    """The persistent grouped GEMMs (a few programs walking every (row, column) tile; two under
+    the interpreter) equal the reference on the same assignments as the tiled kernels."""
+    e, d, h = 5, 40, 48
+    w1, b1, w2, b2 = _experts(e, d, h, device)
+    x = torch.randn(n, d, device=device)
+    idx, gate = _assignment(kind, n, e, k, device)
+    half = [t.to(dtype) for t in (x, w1, b1, w2, b2)]
+    cfg = GemmConfig(16, 32, 32, 4, 2, per_sm=1)
+    y = moe_experts(half[0], idx, gate, *half[1:], "swish", _config=cfg)
+    gold = moe_experts_ref(x, idx, gate, w1, b1, w2, b2, "swish", upcast=True)
+    check_output(y, gold, moe_experts_ref(half[0], idx, gate, *half[1:], "swish"), dtype,
+                 atol=2e-5, rtol=1e-5)
+
+
+def test_gemm_config_grid():
+    tiled = GemmConfig(64, 128, 64, 4, 3)
+    assert tiled.grid(10, 4, torch.device("cpu")) == ((10, 4), 0) and str(tiled) == "m64n128k64w4s3"
+    assert str(GemmConfig(64, 128, 64, 4, 3, per_sm=2)) == "m64n128k64w4s3p2"
+
+
 @pytest.mark.parametrize("act", ["swish", "relu", "gelu"])
 def test_experts_and_ref_match_oracle(act, device):
     e, d, h, n = 4, 24, 40, 13
@@ -288,13 +313,19 @@ def test_conformer_moe_fixture_through_kernels(shared, device, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [206, 4096])
-def test_conformer_size_experts(n, dtype, device, check_output):
+@pytest.mark.parametrize("config", [None, GemmConfig(64, 128, 64, 4, 3, per_sm=1),
+                                    GemmConfig(128, 128, 64, 8, 3, per_sm=1)])
+def test_conformer_size_experts(n, config, dtype, device, check_output):
+    """Seed-sized experts, default and persistent tiles (at 4096 rows the persistent programs
+    walk several tiles each)."""
+    if config is not None and dtype == torch.float32:
+        pytest.skip("persistent tiles are a half-precision choice")
     e, d, h = 32, 512, 1024
     w1, b1, w2, b2 = _experts(e, d, h, device)
     x, emb, w, _ = _router(n, d, d, e, device, scale=0.05, bias=False)
     r = moe_route(x, w, None, emb)
     half = [t.to(dtype) for t in (x, w1, b1, w2, b2)]
-    y = moe_experts(half[0], r.gate_idx, r.gate_val, *half[1:])
+    y = moe_experts(half[0], r.gate_idx, r.gate_val, *half[1:], _config=config)
     gold = moe_experts_ref(x, r.gate_idx, r.gate_val, w1, b1, w2, b2, upcast=True)
     torch_half = moe_experts_ref(half[0], r.gate_idx, r.gate_val, *half[1:])
     check_output(y, gold, torch_half, dtype, atol=1e-4, rtol=1e-4)

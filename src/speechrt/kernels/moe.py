@@ -18,7 +18,11 @@ Three steps, none of which synchronises with the host (CUDA-graph safe):
    one program per (row tile, column tile) with ``cdiv(N*K, BLOCK_M) + E - 1`` row tiles, an
    upper bound of ``sum_e cdiv(count_e, BLOCK_M)``; each program finds its expert from
    ``offsets`` (a cumulative sum of tile counts) and idle programs exit, so empty experts, one
-   expert taking every token and odd counts need no host-side sizes.
+   expert taking every token and odd counts need no host-side sizes. With
+   ``GemmConfig.per_sm`` > 0 the same kernels run persistent instead: a 1-D grid of
+   ``per_sm`` x SMs programs walks the real (row tile, column tile) list, counted on the GPU
+   from ``offsets``, in a flattened loop that issues the next tile's loads under this tile's
+   epilogue.
    * up:   ``h = act(x[token] @ W1[e]^T + b1[e])`` for the sorted rows (gathered from x);
    * down: ``y = gate * (h @ W2[e]^T + b2[e])`` stored at the assignment's original row.
    With k > 1 the k rows of a token are summed afterwards in float32 (deterministic, no atomics).
@@ -49,6 +53,7 @@ from speechrt.kernels._utils import (
     dot_precision,
     interpreting,
     next_power_of_2,
+    sm_count,
 )
 
 try:  # Triton is optional: the references work without it, the launchers need it.
@@ -202,48 +207,119 @@ def _sort_place_kernel(
 
 
 @triton.jit
-def _expert_tile(OFFS, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """This program's row tile: (expert, first sorted row, end row); expert == E when idle.
-
-    Expert e owns ``cdiv(count_e, BLOCK_M)`` consecutive tiles; tile t belongs to the expert
-    whose cumulative tile count first exceeds t (empty experts own none)."""
-    pid = tl.program_id(0)
+def _expert_table(OFFS, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per-expert (BLOCK_E,) vectors: first sorted row, end row, row tiles ``cdiv(count, BLOCK_M)``
+    and their inclusive cumulative sum (lanes >= E own no tiles)."""
     es = tl.arange(0, BLOCK_E)
     e_ok = es < E
     start = tl.load(OFFS + es, mask=e_ok, other=0)
     end = tl.load(OFFS + es + 1, mask=e_ok, other=0)
     tiles = (end - start + BLOCK_M - 1) // BLOCK_M
-    cum = tl.cumsum(tiles, axis=0)  # inclusive
-    e = tl.sum((e_ok & (cum <= pid)).to(tl.int32), axis=0)
+    return start, end, tiles, tl.cumsum(tiles, axis=0)
+
+
+@triton.jit
+def _row_tile(rt, start, end, tiles, cum, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Row tile ``rt`` of :func:`_expert_table`: (expert, first sorted row, end row); expert == E
+    past the last tile. Expert e owns ``tiles[e]`` consecutive tiles; tile rt belongs to the
+    expert whose cumulative tile count first exceeds rt (empty experts own none)."""
+    es = tl.arange(0, BLOCK_E)
+    e = tl.sum(((es < E) & (cum <= rt)).to(tl.int32), axis=0)
     mine = es == e
     first_tile = tl.sum(tl.where(mine, cum - tiles, 0), axis=0)
-    row_start = tl.sum(tl.where(mine, start, 0), axis=0) + (pid - first_tile) * BLOCK_M
+    row_start = tl.sum(tl.where(mine, start, 0), axis=0) + (rt - first_tile) * BLOCK_M
     row_end = tl.sum(tl.where(mine, end, 0), axis=0)
     return e, row_start, row_end
 
 
 @triton.jit
 def _expert_tile_dot(
-    a_rows, row_ok, w_base, ns, n_ok, K, stride_wn,
+    A, a_idx, stride_a, row_ok, w_base, ns, n_ok, K, stride_wn,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """(BLOCK_M, BLOCK_N) float32 tile of A @ W_e^T: ``a_rows`` (BLOCK_M,) row pointers into A
-    (K contiguous values each), ``w_base`` the expert's (N, K) weight, ``ns`` its output rows."""
+    """(BLOCK_M, BLOCK_N) float32 tile of A @ W_e^T: rows ``a_idx`` (BLOCK_M,) int64 of A (K
+    contiguous values each, ``stride_a`` apart), ``w_base`` the expert's (N, K) weight, ``ns`` its
+    output rows. The row addresses are formed here, from a kernel argument's stride, not passed
+    in as pointers: in the persistent kernels' flattened loop a carried pointer tensor loses its
+    alignment and Triton 3.6 would not pipeline A's loads (seen in the sm_90 TTGIR)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = tl.load(a_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(A + a_idx[:, None] * stride_a + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         w = tl.load(w_base + ns[None, :] * stride_wn + ks[:, None],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
         if UPCAST:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def _up_tile(
+    X, ORDER, W1, B1, H, e, row_start, row_end, col_tile,
+    D, HID, top_k, stride_x, stride_we, stride_wn, stride_be, stride_h,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One up-projection tile: sorted rows [row_start, row_end) of expert e (gathered from X by
+    token), column tile ``col_tile`` of H."""
+    rows = row_start + tl.arange(0, BLOCK_M)  # positions in the sorted order
+    row_ok = rows < row_end
+    assign = tl.load(ORDER + rows, mask=row_ok, other=0)
+    tok = (assign // top_k).to(tl.int64)
+    ns = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < HID
+    w_base = W1 + e.to(tl.int64) * stride_we
+    acc = _expert_tile_dot(X, tok, stride_x, row_ok, w_base, ns, n_ok, D, stride_wn,
+                           UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(B1 + e.to(tl.int64) * stride_be + ns, mask=n_ok,
+                       other=0.0).to(tl.float32)[None, :]
+    acc = activate(acc, ACT)
+    tl.store(H + rows.to(tl.int64)[:, None] * stride_h + ns[None, :],
+             acc.to(H.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_tile(
+    HS, ORDER, GATE, W2, B2, Y, e, row_start, row_end, col_tile,
+    D, HID, stride_h, stride_we, stride_wn, stride_be, stride_y,
+    HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One down-projection tile: sorted hidden rows [row_start, row_end) of expert e, column
+    tile ``col_tile`` of Y, each row stored (gate-scaled) at its assignment's original row."""
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    assign = tl.load(ORDER + rows, mask=row_ok, other=0).to(tl.int64)
+    ns = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < D
+    w_base = W2 + e.to(tl.int64) * stride_we
+    acc = _expert_tile_dot(HS, rows.to(tl.int64), stride_h, row_ok, w_base, ns, n_ok, HID,
+                           stride_wn, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(B2 + e.to(tl.int64) * stride_be + ns, mask=n_ok,
+                       other=0.0).to(tl.float32)[None, :]
+    if HAS_GATE:
+        acc *= tl.load(GATE + assign, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(Y + assign[:, None] * stride_y + ns[None, :],
+             acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -259,24 +335,30 @@ def _expert_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PROGRAMS: tl.constexpr,
 ):
-    e, row_start, row_end = _expert_tile(OFFS, E, BLOCK_M, BLOCK_E)
-    if e < E:
-        rows = row_start + tl.arange(0, BLOCK_M)  # positions in the sorted order
-        row_ok = rows < row_end
-        assign = tl.load(ORDER + rows, mask=row_ok, other=0)
-        tok = (assign // top_k).to(tl.int64)
-        ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = ns < HID
-        w_base = W1 + e.to(tl.int64) * stride_we
-        acc = _expert_tile_dot(X + tok * stride_x, row_ok, w_base, ns, n_ok, D, stride_wn,
-                               UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        if HAS_BIAS:
-            acc += tl.load(B1 + e.to(tl.int64) * stride_be + ns, mask=n_ok,
-                           other=0.0).to(tl.float32)[None, :]
-        acc = activate(acc, ACT)
-        tl.store(H + rows.to(tl.int64)[:, None] * stride_h + ns[None, :],
-                 acc.to(H.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    """Grouped up-projection. PROGRAMS == 0: one program per (row tile, column tile) of the
+    grid, idle past the last row tile. PROGRAMS > 0: persistent, a 1-D grid of PROGRAMS;
+    program p takes tiles p, p + PROGRAMS, ... of the (row tile, column tile) list (column tiles
+    fastest) and the flattened loop lets the pipeliner issue the next tile's first loads under
+    this tile's epilogue."""
+    start, end, tiles, cum = _expert_table(OFFS, E, BLOCK_M, BLOCK_E)
+    if PROGRAMS == 0:
+        e, row_start, row_end = _row_tile(tl.program_id(0), start, end, tiles, cum, E,
+                                          BLOCK_M, BLOCK_E)
+        if e < E:
+            _up_tile(X, ORDER, W1, B1, H, e, row_start, row_end, tl.program_id(1),
+                     D, HID, top_k, stride_x, stride_we, stride_wn, stride_be, stride_h,
+                     HAS_BIAS, ACT, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        n_col = tl.cdiv(HID, BLOCK_N)
+        total = tl.sum(tiles, axis=0) * n_col
+        for t in tl.range(tl.program_id(0), total, PROGRAMS, flatten=True):
+            e, row_start, row_end = _row_tile(t // n_col, start, end, tiles, cum, E,
+                                              BLOCK_M, BLOCK_E)
+            _up_tile(X, ORDER, W1, B1, H, e, row_start, row_end, t % n_col,
+                     D, HID, top_k, stride_x, stride_we, stride_wn, stride_be, stride_h,
+                     HAS_BIAS, ACT, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -292,25 +374,26 @@ def _expert_down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PROGRAMS: tl.constexpr,
 ):
-    e, row_start, row_end = _expert_tile(OFFS, E, BLOCK_M, BLOCK_E)
-    if e < E:
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        rows64 = rows.to(tl.int64)
-        assign = tl.load(ORDER + rows, mask=row_ok, other=0).to(tl.int64)
-        ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = ns < D
-        w_base = W2 + e.to(tl.int64) * stride_we
-        acc = _expert_tile_dot(HS + rows64 * stride_h, row_ok, w_base, ns, n_ok, HID, stride_wn,
-                               UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        if HAS_BIAS:
-            acc += tl.load(B2 + e.to(tl.int64) * stride_be + ns, mask=n_ok,
-                           other=0.0).to(tl.float32)[None, :]
-        if HAS_GATE:
-            acc *= tl.load(GATE + assign, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(Y + assign[:, None] * stride_y + ns[None, :],
-                 acc.to(Y.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    """Grouped down-projection; PROGRAMS as :func:`_expert_up_kernel`'s."""
+    start, end, tiles, cum = _expert_table(OFFS, E, BLOCK_M, BLOCK_E)
+    if PROGRAMS == 0:
+        e, row_start, row_end = _row_tile(tl.program_id(0), start, end, tiles, cum, E,
+                                          BLOCK_M, BLOCK_E)
+        if e < E:
+            _down_tile(HS, ORDER, GATE, W2, B2, Y, e, row_start, row_end, tl.program_id(1),
+                       D, HID, stride_h, stride_we, stride_wn, stride_be, stride_y,
+                       HAS_BIAS, HAS_GATE, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        n_col = tl.cdiv(D, BLOCK_N)
+        total = tl.sum(tiles, axis=0) * n_col
+        for t in tl.range(tl.program_id(0), total, PROGRAMS, flatten=True):
+            e, row_start, row_end = _row_tile(t // n_col, start, end, tiles, cum, E,
+                                              BLOCK_M, BLOCK_E)
+            _down_tile(HS, ORDER, GATE, W2, B2, Y, e, row_start, row_end, t % n_col,
+                       D, HID, stride_h, stride_we, stride_wn, stride_be, stride_y,
+                       HAS_BIAS, HAS_GATE, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,19 +522,29 @@ def moe_sort_ref(gate_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile configuration of the grouped expert GEMMs (one program per BLOCK_M x BLOCK_N tile)."""
+    """Tile configuration of the grouped expert GEMMs: one program per BLOCK_M x BLOCK_N tile,
+    or with ``per_sm`` > 0 a persistent kernel of ``per_sm`` programs per SM walking the tiles."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    per_sm: int = 0
 
     def __str__(self) -> str:
         return (
             f"m{self.block_m}n{self.block_n}k{self.block_k}"
-            f"w{self.num_warps}s{self.num_stages}"
+            f"w{self.num_warps}s{self.num_stages}" + (f"p{self.per_sm}" if self.per_sm else "")
         )
+
+    def grid(self, row_tiles: int, col_tiles: int, device: torch.device) -> tuple[tuple, int]:
+        """(launch grid, PROGRAMS) for at most ``row_tiles`` x ``col_tiles`` tiles."""
+        if not self.per_sm:
+            return (row_tiles, col_tiles), 0
+        per_device = 2 if interpreting() else self.per_sm * sm_count(device)
+        programs = max(1, min(row_tiles * col_tiles, per_device))
+        return (programs,), programs
 
 
 def _gemm_config(n_assign: int, num_experts: int, dtype: torch.dtype) -> GemmConfig:
@@ -574,13 +667,14 @@ def _expert_up(
     w1 = w1.contiguous()
     b1 = b1.contiguous() if b1 is not None else None
     h = torch.empty(n_assign, hid, dtype=x2d.dtype, device=x2d.device)  # (N*K, H), sorted
-    max_tiles = cdiv(n_assign, cfg.block_m) + e - 1
-    _expert_up_kernel[(max_tiles, cdiv(hid, cfg.block_n))](
+    grid, programs = cfg.grid(cdiv(n_assign, cfg.block_m) + e - 1, cdiv(hid, cfg.block_n),
+                              x2d.device)
+    _expert_up_kernel[grid](
         x2d, order, offsets, w1, b1 if b1 is not None else w1, h,
         d, hid, e, top_k,
         x2d.stride(0), w1.stride(0), w1.stride(1), b1.stride(0) if b1 is not None else 0,
         h.stride(0),
-        HAS_BIAS=b1 is not None, ACT=ACTIVATIONS[activation],
+        HAS_BIAS=b1 is not None, ACT=ACTIVATIONS[activation], PROGRAMS=programs,
         **_tile_kwargs(cfg, x2d.dtype, e),
     )  # fmt: skip
     return h
@@ -601,13 +695,14 @@ def _expert_down(
     e, d, hid = w2.shape
     w2 = w2.contiguous()
     b2 = b2.contiguous() if b2 is not None else None
-    max_tiles = cdiv(order.numel(), cfg.block_m) + e - 1
-    _expert_down_kernel[(max_tiles, cdiv(d, cfg.block_n))](
+    grid, programs = cfg.grid(cdiv(order.numel(), cfg.block_m) + e - 1, cdiv(d, cfg.block_n),
+                              h.device)
+    _expert_down_kernel[grid](
         h, order, offsets, gate if gate is not None else h, w2, b2 if b2 is not None else w2, y,
         d, hid, e,
         h.stride(0), w2.stride(0), w2.stride(1), b2.stride(0) if b2 is not None else 0,
         y.stride(0),
-        HAS_BIAS=b2 is not None, HAS_GATE=gate is not None,
+        HAS_BIAS=b2 is not None, HAS_GATE=gate is not None, PROGRAMS=programs,
         **_tile_kwargs(cfg, h.dtype, e),
     )  # fmt: skip
 

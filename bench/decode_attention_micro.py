@@ -51,6 +51,8 @@ CASES = {
     "self_b1_pos200": (1, 1, 448, 201, True),
     "self_b16_pos40": (16, 16, 448, 41, True),
 }
+# Suffix ``_prefetch`` on any case: the same with ``decode_attention(prefetch=True)``.
+CASES.update({f"{name}_prefetch": spec for name, spec in list(CASES.items())})
 
 
 def _caches(shape: tuple[int, ...], int8: bool) -> tuple[dict, int]:
@@ -71,10 +73,12 @@ def case_rows(name: str, heads: int, dim: int, splits: list[int], blocks: list[i
     rows_n, audios, length, keys, append = CASES[name]
     dev, dtype = "cuda", torch.float16
     shape = (audios, heads, length, dim)
-    first, per_pos = _caches(shape, name.endswith("_int8"))
+    int8 = "_int8" in name
+    prefetch = name.endswith("_prefetch")
+    first, per_pos = _caches(shape, int8)
     per_copy = math.prod(shape[:3]) * per_pos
     copies = max(1, min(CALLS, math.ceil(ROTATE_BYTES / per_copy)))
-    caches = [first] + [_caches(shape, name.endswith("_int8"))[0] for _ in range(copies - 1)]
+    caches = [first] + [_caches(shape, int8)[0] for _ in range(copies - 1)]
     q = torch.randn(rows_n, heads, dim, device=dev, dtype=dtype)
     lengths = torch.full((rows_n,), keys, device=dev) if keys else None
     new = (torch.randn_like(q), torch.randn_like(q)) if append else (None, None)
@@ -95,7 +99,8 @@ def case_rows(name: str, heads: int, dim: int, splits: list[int], blocks: list[i
                 def call(k, v, split=split, block_n=block_n, **scales):
                     return decode_attention(
                         q, k, v, lengths, k_new=new[0], v_new=new[1], group=rows_n // audios,
-                        num_splits=split or None, block_n=block_n, **scales,
+                        num_splits=split or None, block_n=block_n, prefetch=prefetch,
+                        **scales,
                     )  # fmt: skip
 
                 res = call(first["k"].clone(), first["v"].clone(), **scales)

@@ -64,6 +64,10 @@ __all__ = [
 ]
 
 PROGRAMS_PER_SM = 4  # default splits aim at this many programs per SM (H200 sweep, session 5)
+# Default of decode_attention's ``prefetch`` (read at each launch, so a benchmark can compare
+# both): the next key/value tile loaded by hand before the current one is used. Off until an
+# H200 run shows it pays (the int8 cache's tiles are the ones Triton does not pipeline).
+PREFETCH = False
 
 
 # fmt: off
@@ -103,6 +107,22 @@ def _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale, ks, vs,
 
 
 @triton.jit
+def _load_tile(k_base, v_base, ks_base, vs_base, n, valid, d, d_ok, stride_kl, stride_vl,
+               stride_ksl, stride_vsl, qk_scale, KV_INT8: tl.constexpr):
+    """Key/value tile at positions n (BLOCK_N,), entries where ``valid`` is false read as 0;
+    with KV_INT8 also their scales (else placeholders)."""
+    mask = valid[:, None] & d_ok[None, :]
+    k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=mask, other=0.0)
+    if KV_INT8:
+        ks = tl.load(ks_base + n * stride_ksl, mask=valid, other=0.0)  # (BLOCK_N,)
+        vs = tl.load(vs_base + n * stride_vsl, mask=valid, other=0.0)
+    else:
+        ks, vs = qk_scale, qk_scale  # unused
+    return k, v, ks, vs
+
+
+@triton.jit
 def _decode_attention_kernel(
     Q, K, V, KN, VN, LENS, O, LSE, FINAL, COUNT, KS, VS,
     stride_qb, stride_qh,
@@ -122,6 +142,7 @@ def _decode_attention_kernel(
     APPEND: tl.constexpr,
     KV_INT8: tl.constexpr,
     PRELOAD: tl.constexpr,
+    PREFETCH: tl.constexpr,
     SPLIT: tl.constexpr,
     FUSE_COMBINE: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -137,7 +158,12 @@ def _decode_attention_kernel(
     kernels, never by the one it waits for) the first key/value tile is loaded before
     ``gdc_wait``; on the H200 that took a one-row Whisper cross-attention from 8.3 to 6.9 us,
     while self-attention, whose tiles Triton pipelines inside the loop, got slower with it
-    (bench/decode_attention_micro.py, session 6)."""
+    (bench/decode_attention_micro.py, session 6).
+
+    With PREFETCH the loop loads the next tile into registers before it works on the current
+    one (software pipelining by hand): Triton 3.6 pipelines none of this loop's key/value
+    loads (its sm_90 TTGIR has no async copies for them, float16 or int8), so without it each
+    program waits for one tile at a time and only other programs hide the latency."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     kv_row = (pid // H).to(tl.int64)
@@ -151,12 +177,8 @@ def _decode_attention_kernel(
     lo = split * chunk
     if PRELOAD:
         n = lo + tl.arange(0, BLOCK_N)
-        first_mask = (n < L)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=first_mask, other=0.0)
-        v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=first_mask, other=0.0)
-        if KV_INT8:  # the first tile's scales too
-            ks = tl.load(ks_base + n * stride_ksl, mask=n < L, other=0.0)  # (BLOCK_N,)
-            vs = tl.load(vs_base + n * stride_vsl, mask=n < L, other=0.0)
+        k, v, ks, vs = _load_tile(k_base, v_base, ks_base, vs_base, n, n < L, d, d_ok,
+                                  stride_kl, stride_vl, stride_ksl, stride_vsl, qk_scale, KV_INT8)
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -194,23 +216,32 @@ def _decode_attention_kernel(
         k, v = tl.where(keep, k, tl.zeros_like(k)), tl.where(keep, v, tl.zeros_like(v))
         if KV_INT8:
             ks, vs = tl.where(n < hi, ks, 0.0), tl.where(n < hi, vs, 0.0)
-        else:
-            ks, vs = qk_scale, qk_scale  # unused
         m_i, l_i, acc = _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale,
                                      ks, vs, APPEND, KV_INT8, UPCAST, PRECISION)
         start0 = lo + BLOCK_N
-    for start in range(start0, hi, BLOCK_N):  # loads feeding tl.dot: Triton pipelines them
-        n = start + tl.arange(0, BLOCK_N)
-        kv_mask = (n < hi)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + n[:, None] * stride_kl + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n[:, None] * stride_vl + d[None, :], mask=kv_mask, other=0.0)
-        if KV_INT8:
-            ks = tl.load(ks_base + n * stride_ksl, mask=n < hi, other=0.0)  # (BLOCK_N,)
-            vs = tl.load(vs_base + n * stride_vsl, mask=n < hi, other=0.0)
-        else:
-            ks, vs = qk_scale, qk_scale  # unused
-        m_i, l_i, acc = _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale,
-                                     ks, vs, APPEND, KV_INT8, UPCAST, PRECISION)
+    if PREFETCH:  # tile i + 1 in flight while tile i is worked on
+        n = start0 + tl.arange(0, BLOCK_N)
+        k, v, ks, vs = _load_tile(k_base, v_base, ks_base, vs_base, n, n < hi, d, d_ok,
+                                  stride_kl, stride_vl, stride_ksl, stride_vsl, qk_scale, KV_INT8)
+        for start in range(start0, hi, BLOCK_N):
+            nxt = start + BLOCK_N + tl.arange(0, BLOCK_N)
+            k2, v2, ks2, vs2 = _load_tile(k_base, v_base, ks_base, vs_base, nxt, nxt < hi, d,
+                                          d_ok, stride_kl, stride_vl, stride_ksl, stride_vsl,
+                                          qk_scale, KV_INT8)
+            m_i, l_i, acc = _attend_tile(q, k, v, start + tl.arange(0, BLOCK_N), lens, m_i, l_i,
+                                         acc, kn, vn, pos, qk_scale, ks, vs, APPEND, KV_INT8,
+                                         UPCAST, PRECISION)
+            k, v, ks, vs = k2, v2, ks2, vs2
+    else:
+        # Triton 3.6 does not pipeline these loads (sm_90 TTGIR, session 13: plain loads, no
+        # async copies, float16 or int8): other programs on the SM hide their latency.
+        for start in range(start0, hi, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            k, v, ks, vs = _load_tile(k_base, v_base, ks_base, vs_base, n, n < hi, d, d_ok,
+                                      stride_kl, stride_vl, stride_ksl, stride_vsl, qk_scale,
+                                      KV_INT8)
+            m_i, l_i, acc = _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale,
+                                         ks, vs, APPEND, KV_INT8, UPCAST, PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # no visible key: output 0
     out = acc / l_safe[:, None]
@@ -365,6 +396,7 @@ def decode_attention(
     counters: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one query per (row, head) over a key/value cache, reading ``lengths`` keys.
 
@@ -390,6 +422,8 @@ def decode_attention(
         k_scale, v_scale: (Bk, H, L) float32 scales of int8 caches (any strides): key n of
             cache row r, head h is ``k_cache[r, h, n] * k_scale[r, h, n]`` (:func:`quantize_kv`
             makes both); None for float caches. int8 caches cannot take k_new/v_new.
+        prefetch: load each key/value tile one tile ahead by hand (default :data:`PREFETCH`);
+            the same results either way.
     Returns:
         (B, H, D) in q's dtype (``out`` if given).
     """
@@ -439,6 +473,7 @@ def decode_attention(
         APPEND=k_new is not q,
         KV_INT8=int8,
         PRELOAD=k_new is q and lengths is None,
+        PREFETCH=PREFETCH if prefetch is None else bool(prefetch),
         SPLIT=splits > 1,
         FUSE_COMBINE=fuse,
         BLOCK_S=next_power_of_2(splits),

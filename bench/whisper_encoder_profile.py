@@ -6,7 +6,9 @@ kernel path. Run on a CUDA machine:
     PYTHONPATH=src python3 bench/whisper_encoder_profile.py [--preset large-v3] [--batches 1 16]
         [--top 12]
 
-``ms``: median of CUDA-event timings of one ``embed_audio`` (B x 30 s) after warm-up.
+``ms``: median of CUDA-event timings of one ``embed_audio`` (B x 30 s) after warm-up;
+``max_diff`` / ``mean_diff``: |output - the default kernel path's output| (the default's own
+run-to-run noise is 0: same kernels, same order).
 """
 
 from __future__ import annotations
@@ -49,12 +51,16 @@ def main() -> None:
         mel = torch.randn(b, net.dims.n_mels, 3000, device="cuda", dtype=torch.float16)
         rows = []
         with torch.inference_mode():
+            net.kernels, net.encoder.options = True, EncoderOptions()
+            default = net.embed_audio(mel).float()
             for name, kernels, opts in variants():
                 net.kernels = kernels
                 if opts is not None:
                     net.encoder.options = opts
                 ms = cuda_time_ms(lambda mel=mel: net.embed_audio(mel), warmup=2, min_iters=5)
-                rows.append({"batch": b, "variant": name, "ms": ms})
+                diff = (net.embed_audio(mel).float() - default).abs()
+                rows.append({"batch": b, "variant": name, "ms": ms, "max_diff": diff.max().item(),
+                             "mean_diff": diff.mean().item()})  # fmt: skip
             net.kernels, net.encoder.options = True, EncoderOptions()
             graphs = GraphRunner(net.embed_audio)
             ms = cuda_time_ms(lambda g=graphs, m=mel: g(0, m), warmup=2, min_iters=5)
@@ -62,7 +68,7 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 net.embed_audio(mel)
                 torch.cuda.synchronize()
-        print(markdown_table(rows, ["batch", "variant", "ms"]))
+        print(markdown_table(rows, ["batch", "variant", "ms", "max_diff", "mean_diff"]))
         events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
         total = sum(e.self_device_time_total for e in events) / 1000
         print(f"\nDefault kernel path, B={b}: {total:.2f} ms of GPU time; top kernels:\n")

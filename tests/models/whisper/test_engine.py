@@ -110,6 +110,30 @@ def test_kernel_path_matches_torch_path(pt_path, features):
         encoder.options = EncoderOptions()
 
 
+def test_kernel_encoder_half_residual(pt_path):
+    """``residual_fp32`` off (float16): the kernel encoder keeps its residual stream in float16
+    as openai-whisper (our torch path) does, and lands as close to the float32 encoder as that
+    torch path; the float32 stream (default) is closer still."""
+    ref = load_whisper(pt_path, device="cpu", dtype=torch.float32)
+    ref.configure(kernels=False)
+    model = load_whisper(pt_path, device="cpu", dtype=torch.float16)
+    mel = torch.randn(1, 80, N_FRAMES, generator=torch.Generator().manual_seed(5))
+    errs = {}
+    with torch.inference_mode():
+        gold = ref.embed_audio(mel).float()
+        model.configure(kernels=False)
+        errs["torch"] = (model.embed_audio(mel.half()).float() - gold).abs()
+        model.configure(kernels=True)
+        encoder = model.net.encoder
+        for name, fp32 in (("half", False), ("fp32", True)):
+            encoder.options = EncoderOptions(residual_fp32=fp32)
+            errs[name] = (model.embed_audio(mel.half()).float() - gold).abs()
+        encoder.options = EncoderOptions()
+    assert errs["half"].max() <= 1.5 * errs["torch"].max(), {k: v.max() for k, v in errs.items()}
+    assert errs["half"].mean() <= 1.2 * errs["torch"].mean()
+    assert errs["fp32"].mean() < errs["half"].mean()
+
+
 # ------------------------------------------------------------------------------------- GPU
 CUDA_CASES = [
     ({"temperature": 0.0}, 1),

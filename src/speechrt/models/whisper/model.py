@@ -54,8 +54,9 @@ def _norm_fused(x: Tensor, norm: LayerNorm, dtype: torch.dtype) -> Tensor:
 
 
 def _add_norm_fused(branch: Tensor, residual: Tensor, norm: LayerNorm) -> tuple[Tensor, Tensor]:
-    """residual (..., D) FP32 += branch (..., D); returns (residual, LayerNorm(residual) in
-    branch's dtype) from one kernel (the residual is updated in place)."""
+    """residual (..., D) += branch (..., D), summed in float32 and stored in residual's dtype;
+    returns (residual, LayerNorm(residual) in branch's dtype) from one kernel (the residual is
+    updated in place)."""
     from speechrt.kernels.layer_norm import add_layer_norm
 
     return add_layer_norm(branch, residual, norm.weight, norm.bias, norm.eps, h_out=residual)
@@ -221,7 +222,7 @@ class EncoderLayer(nn.Module):
     def forward_fused(
         self, x: Tensor, h: Tensor, next_norm: LayerNorm, options: EncoderOptions
     ) -> tuple[Tensor, Tensor]:
-        """Kernel path: FP32 residual x (B, T, D) and h = attn_norm(x) -> (x', next_norm(x'))."""
+        """Kernel path: residual x (B, T, D) and h = attn_norm(x) -> (x', next_norm(x'))."""
         branch = self.attend(h, packed=options.packed_qkv)
         x, h = _add_norm_fused(branch, x, self.ffn_norm)
         lt = options.fc1_cublaslt and h.is_cuda and h.dtype in (torch.float16, torch.bfloat16)
@@ -241,11 +242,15 @@ class EncoderOptions:
     ``fc1_cublaslt``: in float16/bfloat16 on CUDA, fc1 with bias + GELU (tanh form) in cuBLASLt's
     epilogue instead (takes precedence over ``fc1_epilogue`` where it applies, which decides
     elsewhere; large-v3 16 x 30 s on the H200:
-    76.4 vs 80.5 ms, BENCHMARKS.md session 12)."""
+    76.4 vs 80.5 ms, BENCHMARKS.md session 12); ``residual_fp32``: the residual stream in
+    float32 (default) or, off, in the compute dtype as openai-whisper keeps it in float16 --
+    half the bytes of the 2 x 32 + 1 add + LayerNorm kernels (about 1.9 of large-v3's 5.9 ms
+    at 16 x 30 s, session 12's profile) for float16's rounding of the stream at every layer."""
 
     packed_qkv: bool = True
     fc1_epilogue: bool = True
     fc1_cublaslt: bool = True
+    residual_fp32: bool = True
 
 
 class AudioEncoder(nn.Module):
@@ -282,8 +287,11 @@ class AudioEncoder(nn.Module):
         return self.norm(x)
 
     def _layers_fused(self, x: Tensor) -> Tensor:
-        """Blocks and final LN with an FP32 residual stream; (B, T, D) -> (B, T, D) x.dtype."""
-        dtype, x = x.dtype, x.float().contiguous()  # (B, T, D) FP32 residual, updated in place
+        """Blocks and final LN with an FP32 residual stream (or x's dtype, ``residual_fp32``
+        off); (B, T, D) -> (B, T, D) x.dtype."""
+        dtype = x.dtype
+        x = x.float() if self.options.residual_fp32 else x
+        x = x.contiguous()  # (B, T, D) residual stream, updated in place
         h = _norm_fused(x, self.layers[0].attn_norm, dtype)
         norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
         for layer, next_norm in zip(self.layers, norms):

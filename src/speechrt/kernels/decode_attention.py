@@ -66,7 +66,8 @@ __all__ = [
 PROGRAMS_PER_SM = 4  # default splits aim at this many programs per SM (H200 sweep, session 5)
 # Default of decode_attention's ``prefetch`` (read at each launch, so a benchmark can compare
 # both): the next key/value tile loaded by hand before the current one is used. Off until an
-# H200 run shows it pays (the int8 cache's tiles are the ones Triton does not pipeline).
+# H200 run shows it pays (Triton 3.6 pipelines none of the K/V loads; at one tile per program,
+# as one-row cross-attention mostly runs, there is nothing to prefetch).
 PREFETCH = False
 
 
@@ -157,8 +158,7 @@ def _decode_attention_kernel(
     With PRELOAD (no append, no lengths: cross-attention over a memory written by earlier
     kernels, never by the one it waits for) the first key/value tile is loaded before
     ``gdc_wait``; on the H200 that took a one-row Whisper cross-attention from 8.3 to 6.9 us,
-    while self-attention, whose tiles Triton pipelines inside the loop, got slower with it
-    (bench/decode_attention_micro.py, session 6).
+    while self-attention got slower with it (bench/decode_attention_micro.py, session 6).
 
     With PREFETCH the loop loads the next tile into registers before it works on the current
     one (software pipelining by hand): Triton 3.6 pipelines none of this loop's key/value

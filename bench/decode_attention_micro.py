@@ -3,7 +3,7 @@
 Run on a CUDA machine from the repository root::
 
     PYTHONPATH=src python bench/decode_attention_micro.py [--heads 20] [--dim 64]
-        [--splits 0 2 4 6 8 12 16 24] [--blocks 32 64 128] [--out attn.csv]
+        [--splits 0 2 4 6 8 12 16 24] [--blocks 32 64 128] [--stages 2 3 4] [--out attn.csv]
 
 Cases (large-v3 by default: 20 heads of 64): ``cross`` (1500 audio keys, rows of distinct
 audios; ``beam5``: 5 rows on one audio, ``group`` 5; ``_int8``: int8 K/V with float32 scales,
@@ -18,6 +18,7 @@ bytes read per call (int8 caches: the int8 entries and their scales) / time. ``m
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -51,8 +52,6 @@ CASES = {
     "self_b1_pos200": (1, 1, 448, 201, True),
     "self_b16_pos40": (16, 16, 448, 41, True),
 }
-# Suffix ``_prefetch`` on any case: the same with ``decode_attention(prefetch=True)``.
-CASES.update({f"{name}_prefetch": spec for name, spec in list(CASES.items())})
 
 
 def _caches(shape: tuple[int, ...], int8: bool) -> tuple[dict, int]:
@@ -67,14 +66,15 @@ def _caches(shape: tuple[int, ...], int8: bool) -> tuple[dict, int]:
     return {"k": kq, "v": vq, "k_scale": ks, "v_scale": vs}, 2 * (shape[-1] + 4)
 
 
-def case_rows(name: str, heads: int, dim: int, splits: list[int], blocks: list[int]) -> list:
+def case_rows(
+    name: str, heads: int, dim: int, splits: list[int], blocks: list[int], stages: list[int]
+) -> list:
     from speechrt.kernels.decode_attention import decode_attention, decode_attention_ref
 
     rows_n, audios, length, keys, append = CASES[name]
     dev, dtype = "cuda", torch.float16
     shape = (audios, heads, length, dim)
-    int8 = "_int8" in name
-    prefetch = name.endswith("_prefetch")
+    int8 = name.endswith("_int8")
     first, per_pos = _caches(shape, int8)
     per_copy = math.prod(shape[:3]) * per_pos
     copies = max(1, min(CALLS, math.ceil(ROTATE_BYTES / per_copy)))
@@ -90,27 +90,27 @@ def case_rows(name: str, heads: int, dim: int, splits: list[int], blocks: list[i
         v_new=None if new[1] is None else new[1].float(), group=rows_n // audios, **scales,
     )  # fmt: skip
     out = []
-    for block_n in blocks:
-        for split in splits:
-            row = {"case": name, "block_n": block_n, "splits": split or "default",
-                   "us": math.nan, "GB/s": math.nan, "max_err": math.nan, "error": ""}  # fmt: skip
-            try:
+    for block_n, split, stages_n in itertools.product(blocks, splits, stages):
+        row = {"case": name, "block_n": block_n, "splits": split or "default",
+               "stages": stages_n, "us": math.nan, "GB/s": math.nan, "max_err": math.nan,
+               "error": ""}  # fmt: skip
+        try:
 
-                def call(k, v, split=split, block_n=block_n, **scales):
-                    return decode_attention(
-                        q, k, v, lengths, k_new=new[0], v_new=new[1], group=rows_n // audios,
-                        num_splits=split or None, block_n=block_n, prefetch=prefetch,
-                        **scales,
-                    )  # fmt: skip
+            def call(k, v, split=split, block_n=block_n, stages=stages_n, **scales):
+                return decode_attention(
+                    q, k, v, lengths, k_new=new[0], v_new=new[1], group=rows_n // audios,
+                    num_splits=split or None, block_n=block_n, num_stages=stages,
+                    **scales,
+                )  # fmt: skip
 
-                res = call(first["k"].clone(), first["v"].clone(), **scales)
-                row["max_err"] = float((res.float() - gold).abs().max())
-                calls = [lambda i=i: call(**caches[i % copies]) for i in range(CALLS)]
-                ms = graph_ms_per_call(calls)
-                row["us"], row["GB/s"] = 1000 * ms, read / ms / 1e6
-            except Exception as e:  # noqa: BLE001 - a variant that cannot launch is a row
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-            out.append(row)
+            res = call(first["k"].clone(), first["v"].clone(), **scales)
+            row["max_err"] = float((res.float() - gold).abs().max())
+            calls = [lambda i=i: call(**caches[i % copies]) for i in range(CALLS)]
+            ms = graph_ms_per_call(calls)
+            row["us"], row["GB/s"] = 1000 * ms, read / ms / 1e6
+        except Exception as e:  # noqa: BLE001 - a variant that cannot launch is a row
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        out.append(row)
     caches.clear()
     torch.cuda.empty_cache()
     return out
@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--splits", nargs="+", type=int, default=[0, 2, 4, 6, 8, 12, 16, 24])
     parser.add_argument("--blocks", nargs="+", type=int, default=[32, 64, 128])
+    parser.add_argument(
+        "--stages", nargs="+", type=int, default=[2], help="num_stages of the K/V loop"
+    )
     parser.add_argument("--out", type=Path, help="also write the rows to this CSV file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -131,20 +134,22 @@ def main() -> None:
     rows = []
     with torch.inference_mode():
         for name in args.cases:
-            rows += case_rows(name, args.heads, args.dim, args.splits, args.blocks)
+            rows += case_rows(name, args.heads, args.dim, args.splits, args.blocks, args.stages)
             print(f"done {name}", file=sys.stderr, flush=True)
     print(f"`{json.dumps(environment())}`\n")
     print(markdown_table(rows, list(rows[0])))
     print("\nFastest per case:\n")
     for name in args.cases:
         ok = [r for r in rows if r["case"] == name and not r["error"]]
-        dflt = [r for r in ok if r["splits"] == "default" and r["block_n"] == 64]
+        dflt = [r for r in ok if r["splits"] == "default" and r["block_n"] == 64
+                and r["stages"] == 2]  # fmt: skip
         if ok:
             best = min(ok, key=lambda r: r["us"])
             base = f"{dflt[0]['us']:.3g}" if dflt else "-"
             print(
                 f"- {name}: default (block 64) {base} us; best block {best['block_n']} "
-                f"splits {best['splits']}: {best['us']:.3g} us, {best['GB/s']:.4g} GB/s"
+                f"splits {best['splits']} stages {best['stages']}: {best['us']:.3g} us, "
+                f"{best['GB/s']:.4g} GB/s"
             )
     if args.out:
         write_csv(args.out, rows)

@@ -34,8 +34,8 @@ partials combined by a second kernel, ``DecoderLayer.combine_in_kernel`` off;
 ``fused_skinny_int8``: int8 weight-only copies of the step GEMMs,
 ``TextDecoder.quantize_step_int8``, up to 4 rows; ``fused_skinny_dot`` / ``_split``: the
 GEMMs on the K-loop tensor-core kernel / the split-K kernel, ``skinny_linear.MANY_ROWS``, also
-at 1-4 rows; ``fused_prefetch`` / ``fused_kvint8_prefetch``: the default kernel-path step
-(float16 / int8 cross K/V) with ``decode_attention.PREFETCH`` on; ``fused_kvint8``: the default
+at 1-4 rows; ``fused_stages4`` / ``fused_kvint8_stages4``: the default kernel-path step
+(float16 / int8 cross K/V) with ``decode_attention.NUM_STAGES = 4``; ``fused_kvint8``: the default
 kernel-path step with int8 cross-attention K/V, ``WhisperNet.cross_kv_int8``, and
 ``fused_skinny_kvint8`` the same with the skinny step forced).
 ``gpu_ops`` = CUDA kernels (and memsets/copies) of one eager step (torch profiler); ``max_err``
@@ -256,11 +256,12 @@ def step_rows(
         from speechrt.kernels import decode_attention
 
         net.kernels, net.decoder.skinny_step = True, None
-        decode_attention.PREFETCH = True  # every decode attention with the hand prefetch
-        results["fused_prefetch"] = _step(net, feats.to(dtype), tokens)
+        stages = decode_attention.NUM_STAGES
+        decode_attention.NUM_STAGES = 4  # every decode attention's K/V loop 4 stages deep
+        results["fused_stages4"] = _step(net, feats.to(dtype), tokens)
         net.cross_kv_int8 = True
-        results["fused_kvint8_prefetch"] = _step(net, feats.to(dtype), tokens)
-        decode_attention.PREFETCH = False
+        results["fused_kvint8_stages4"] = _step(net, feats.to(dtype), tokens)
+        decode_attention.NUM_STAGES = stages
         results["fused_kvint8"] = _step(net, feats.to(dtype), tokens)  # caches set up int8
         if b > 2:  # beyond the automatic skinny step
             net.decoder.skinny_step = True

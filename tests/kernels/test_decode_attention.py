@@ -234,46 +234,29 @@ def test_int8_cache_close_to_the_float_cache(dtype, device):
     assert err < 2 * float(vs.max()) < 0.5 * float(gold.abs().max())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(
-    "case, int8",
-    [(c, i) for c in ("all_keys", "lengths", "group") for i in (False, True)] + [("append", False)],
-)
-def test_prefetch_matches_reference(case, int8, dtype, device, check_output):
-    """``prefetch`` (the next tile loaded by hand) against the reference: every tile of a
-    split, the preloaded first tile (all keys), ragged lengths that end mid-tile or at 0,
-    appends (float caches only: int8 ones are read-only) and groups, several splits."""
-    b, h, length, d, group = 5, 2, 150, 40, 1
-    if case == "group":
-        group = 2
-    rows = -(-b // group)
-    q = torch.randn(b, h, d, device=device).to(dtype)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("stages", [1, 4])
+def test_pipeline_stages_match_reference(stages, int8, device, check_output):
+    """``num_stages`` (the key/value loop's software-pipeline depth; the interpreter ignores
+    it) does not change results: ragged lengths ending mid-tile and at 0, several tiles per
+    split, float16 and int8 caches."""
+    b, h, length, d = 5, 2, 150, 64
+    q = torch.randn(b, h, d, device=device).half()
     if int8:
-        _, (k, ks), (v, vs) = _int8_cache(rows, h, length, d, device)
+        _, (k, ks), (v, vs) = _int8_cache(b, h, length, d, device)
         kw = dict(k_scale=ks, v_scale=vs)
     else:
-        _, k, v = _inputs(b, h, length, d, group, dtype, device)
+        _, k, v = _inputs(b, h, length, d, 1, torch.float16, device)
         kw = {}
-    lengths = None
-    if case in ("lengths", "append", "group"):
-        lengths = torch.tensor([150, 1, 77, 33, 129][:b], device=device)
-        if case == "lengths":
-            lengths[3] = 0
-    if case == "append":
-        kw = dict(k_new=torch.randn_like(q), v_new=torch.randn_like(q))
-        k_ref, v_ref = k.clone(), v.clone()
-        gold = decode_attention_ref(q, k_ref, v_ref, lengths, **kw)
-        loose = decode_attention_ref(q, k.clone(), v.clone(), lengths, upcast=False, **kw)
-    else:
-        gold = decode_attention_ref(q, k, v, lengths, group=group, **kw)
-        loose = decode_attention_ref(q, k, v, lengths, group=group, upcast=False, **kw)
-    for splits in (1, 3):
-        kc, vc = (k.clone(), v.clone()) if case == "append" else (k, v)
-        out = decode_attention(q, kc, vc, lengths, group=group, num_splits=splits, block_n=32,
-                               prefetch=True, **kw)  # fmt: skip
-        check_output(out, gold, loose, dtype, atol=2e-5, rtol=2e-5)
-        if case == "append":
-            assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref)
+    lengths = torch.tensor([150, 1, 77, 0, 129], device=device)
+    gold = decode_attention_ref(q, k, v, lengths, **kw)
+    loose = decode_attention_ref(q, k, v, lengths, upcast=False, **kw)
+    for splits in (1, 2):
+        out = decode_attention(q, k, v, lengths, num_splits=splits, block_n=32,
+                               num_stages=stages, **kw)  # fmt: skip
+        check_output(out, gold, loose, torch.float16)
+    with pytest.raises(UnsupportedOptionError, match="num_stages"):
+        decode_attention(q, k, v, lengths, num_stages=0, **kw)
 
 
 def test_int8_bad_inputs(device):
@@ -308,8 +291,8 @@ def test_int8_whisper_cross_attention_shape(dtype, group, device, check_output):
     gold = decode_attention_ref(q, kq, vq, **kw)
     loose = decode_attention_ref(q, kq, vq, upcast=False, **kw)
     counters = torch.zeros(rows * h, dtype=torch.int32, device=device)
-    for c, prefetch in ((counters, False), (None, False), (counters, True)):
-        out = decode_attention(q, kq, vq, counters=c, prefetch=prefetch, **kw)
+    for c, stages in ((counters, None), (None, None), (counters, 4)):
+        out = decode_attention(q, kq, vq, counters=c, num_stages=stages, **kw)
         check_output(out, gold, loose, dtype)
     float_cache = decode_attention_ref(q, k, v, group=group).float()
     assert float((out.float() - float_cache).abs().max()) < 2 * float(vs.max())

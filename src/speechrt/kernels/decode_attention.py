@@ -64,11 +64,13 @@ __all__ = [
 ]
 
 PROGRAMS_PER_SM = 4  # default splits aim at this many programs per SM (H200 sweep, session 5)
-# Default of decode_attention's ``prefetch`` (read at each launch, so a benchmark can compare
-# both): the next key/value tile loaded by hand before the current one is used. Off until an
-# H200 run shows it pays (Triton 3.6 pipelines none of the K/V loads; at one tile per program,
-# as one-row cross-attention mostly runs, there is nothing to prefetch).
-PREFETCH = False
+# Software-pipeline stages of the key/value loop: decode_attention's ``num_stages`` default,
+# read at each launch so that a benchmark can compare. Triton pipelines the K/V loads (and the
+# int8 scales) when the head dim is a multiple of 16, which its integer specialization makes
+# visible: the head-dim mask is then uniform over each vector (sm_90 TTGIR, session 13). Two
+# stages keep one tile in flight per program; int8 tiles carry half the bytes, so the int8 cache
+# may want more (bench/decode_attention_micro.py --stages).
+NUM_STAGES = 2
 
 
 # fmt: off
@@ -143,7 +145,6 @@ def _decode_attention_kernel(
     APPEND: tl.constexpr,
     KV_INT8: tl.constexpr,
     PRELOAD: tl.constexpr,
-    PREFETCH: tl.constexpr,
     SPLIT: tl.constexpr,
     FUSE_COMBINE: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -158,12 +159,8 @@ def _decode_attention_kernel(
     With PRELOAD (no append, no lengths: cross-attention over a memory written by earlier
     kernels, never by the one it waits for) the first key/value tile is loaded before
     ``gdc_wait``; on the H200 that took a one-row Whisper cross-attention from 8.3 to 6.9 us,
-    while self-attention got slower with it (bench/decode_attention_micro.py, session 6).
-
-    With PREFETCH the loop loads the next tile into registers before it works on the current
-    one (software pipelining by hand): Triton 3.6 pipelines none of this loop's key/value
-    loads (its sm_90 TTGIR has no async copies for them, float16 or int8), so without it each
-    program waits for one tile at a time and only other programs hide the latency."""
+    while self-attention, whose tiles Triton pipelines inside the loop, got slower with it
+    (bench/decode_attention_micro.py, session 6)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     kv_row = (pid // H).to(tl.int64)
@@ -219,29 +216,13 @@ def _decode_attention_kernel(
         m_i, l_i, acc = _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale,
                                      ks, vs, APPEND, KV_INT8, UPCAST, PRECISION)
         start0 = lo + BLOCK_N
-    if PREFETCH:  # tile i + 1 in flight while tile i is worked on
-        n = start0 + tl.arange(0, BLOCK_N)
+    for start in range(start0, hi, BLOCK_N):  # K/V loads feed tl.dot: Triton pipelines them
+        n = start + tl.arange(0, BLOCK_N)
         k, v, ks, vs = _load_tile(k_base, v_base, ks_base, vs_base, n, n < hi, d, d_ok,
-                                  stride_kl, stride_vl, stride_ksl, stride_vsl, qk_scale, KV_INT8)
-        for start in range(start0, hi, BLOCK_N):
-            nxt = start + BLOCK_N + tl.arange(0, BLOCK_N)
-            k2, v2, ks2, vs2 = _load_tile(k_base, v_base, ks_base, vs_base, nxt, nxt < hi, d,
-                                          d_ok, stride_kl, stride_vl, stride_ksl, stride_vsl,
-                                          qk_scale, KV_INT8)
-            m_i, l_i, acc = _attend_tile(q, k, v, start + tl.arange(0, BLOCK_N), lens, m_i, l_i,
-                                         acc, kn, vn, pos, qk_scale, ks, vs, APPEND, KV_INT8,
-                                         UPCAST, PRECISION)
-            k, v, ks, vs = k2, v2, ks2, vs2
-    else:
-        # Triton 3.6 does not pipeline these loads (sm_90 TTGIR, session 13: plain loads, no
-        # async copies, float16 or int8): other programs on the SM hide their latency.
-        for start in range(start0, hi, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            k, v, ks, vs = _load_tile(k_base, v_base, ks_base, vs_base, n, n < hi, d, d_ok,
-                                      stride_kl, stride_vl, stride_ksl, stride_vsl, qk_scale,
-                                      KV_INT8)
-            m_i, l_i, acc = _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale,
-                                         ks, vs, APPEND, KV_INT8, UPCAST, PRECISION)
+                                  stride_kl, stride_vl, stride_ksl, stride_vsl, qk_scale,
+                                  KV_INT8)
+        m_i, l_i, acc = _attend_tile(q, k, v, n, lens, m_i, l_i, acc, kn, vn, pos, qk_scale,
+                                     ks, vs, APPEND, KV_INT8, UPCAST, PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # no visible key: output 0
     out = acc / l_safe[:, None]
@@ -396,7 +377,7 @@ def decode_attention(
     counters: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    prefetch: bool | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query per (row, head) over a key/value cache, reading ``lengths`` keys.
 
@@ -422,12 +403,15 @@ def decode_attention(
         k_scale, v_scale: (Bk, H, L) float32 scales of int8 caches (any strides): key n of
             cache row r, head h is ``k_cache[r, h, n] * k_scale[r, h, n]`` (:func:`quantize_kv`
             makes both); None for float caches. int8 caches cannot take k_new/v_new.
-        prefetch: load each key/value tile one tile ahead by hand (default :data:`PREFETCH`);
-            the same results either way.
+        num_stages: software-pipeline stages of the key/value loop (default
+            :data:`NUM_STAGES`); the same results either way.
     Returns:
         (B, H, D) in q's dtype (``out`` if given).
     """
     _check(q, k_cache, v_cache, lengths, k_new, v_new, group, k_scale, v_scale)
+    stages = NUM_STAGES if num_stages is None else num_stages
+    if not isinstance(stages, int) or stages < 1:
+        raise UnsupportedOptionError(f"num_stages must be a positive integer, got {stages!r}")
     b, h, d = q.shape
     length = k_cache.shape[2]
     out = out_or_empty(out, (b, h, d), q.dtype, q.device)
@@ -473,7 +457,6 @@ def decode_attention(
         APPEND=k_new is not q,
         KV_INT8=int8,
         PRELOAD=k_new is q and lengths is None,
-        PREFETCH=PREFETCH if prefetch is None else bool(prefetch),
         SPLIT=splits > 1,
         FUSE_COMBINE=fuse,
         BLOCK_S=next_power_of_2(splits),
@@ -481,7 +464,7 @@ def decode_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **pdl_kwargs(q.device),
         num_warps=4,
-        num_stages=2,
+        num_stages=stages,
     )
     if splits > 1 and not fuse:
         _combine_kernel[(b * h,)](

@@ -38,6 +38,7 @@ from speechrt.benchmark.common import (  # noqa: E402
     markdown_table,
     write_csv,
 )
+from speechrt.kernels.decode_attention import NUM_STAGES  # noqa: E402
 
 ROTATE_BYTES = 256 * 2**20
 CALLS = 20
@@ -142,12 +143,13 @@ def main() -> None:
     for name in args.cases:
         ok = [r for r in rows if r["case"] == name and not r["error"]]
         dflt = [r for r in ok if r["splits"] == "default" and r["block_n"] == 64
-                and r["stages"] == 2]  # fmt: skip
+                and r["stages"] == NUM_STAGES]  # fmt: skip
         if ok:
             best = min(ok, key=lambda r: r["us"])
             base = f"{dflt[0]['us']:.3g}" if dflt else "-"
             print(
-                f"- {name}: default (block 64) {base} us; best block {best['block_n']} "
+                f"- {name}: default (block 64, {NUM_STAGES} stages) {base} us; best block "
+                f"{best['block_n']} "
                 f"splits {best['splits']} stages {best['stages']}: {best['us']:.3g} us, "
                 f"{best['GB/s']:.4g} GB/s"
             )

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from speechrt.benchmark.moe import MoEBench, MoEBenchConfig, input_frames
+from speechrt.benchmark.moe import MoEBench, MoEBenchConfig, goal_summary, input_frames
 from speechrt.cli.main import main
 from speechrt.kernels.moe import GemmConfig
 
@@ -77,6 +77,16 @@ def test_gemm_rows(bench_out):
     for case in ("dense_equal_flops", "dense_up", "dense_down"):
         dense = [r for r in rows if r["case"] == case]
         assert len(dense) == 1 and dense[0]["x_dense"] == 1.0
+        assert dense[0]["x_dense_events"] == 1.0 and dense[0]["ms_events"] > 0
+
+
+def test_gemm_goals_by_both_timings():
+    """The grouped/dense goal is judged on GPU time and, beside it, on single-call events."""
+    row = {"dtype": "fp16", "routing": "uniform", "case": "best_gemms", "x_dense": 1.4,
+           "x_dense_events": 1.9}  # fmt: skip
+    goals = {g["goal"]: g for g in goal_summary([], [row])}
+    assert goals["grouped/dense best_gemms [uniform, GPU time]"]["status"] == "pass"
+    assert goals["grouped/dense best_gemms [uniform, single-call events]"]["status"] == "FAIL"
 
 
 def test_shapes_map_to_encoder_frames(bench_out):

@@ -198,10 +198,17 @@ def test_experts_persistent(n, k, kind, dtype, device, check_output):
                  atol=2e-5, rtol=1e-5)
 
 
-def test_gemm_config_grid():
+def test_gemm_config_grid(device):
     tiled = GemmConfig(64, 128, 64, 4, 3)
-    assert tiled.grid(10, 4, torch.device("cpu")) == ((10, 4), 0) and str(tiled) == "m64n128k64w4s3"
-    assert str(GemmConfig(64, 128, 64, 4, 3, per_sm=2)) == "m64n128k64w4s3p2"
+    assert tiled.grid(10, 4, torch.device(device)) == ((10, 4), 0)
+    assert str(tiled) == "m64n128k64w4s3"
+    persistent = GemmConfig(64, 128, 64, 4, 3, per_sm=2)
+    assert str(persistent) == "m64n128k64w4s3p2"
+    # one grid whatever the tile count: PROGRAMS (compile-time) never changes with the batch
+    grids = {persistent.grid(r, c, torch.device(device)) for r, c in ((1, 1), (10, 4), (999, 8))}
+    assert len(grids) == 1
+    (programs,), constant = grids.pop()
+    assert programs == constant >= 1
 
 
 @pytest.mark.parametrize("act", ["swish", "relu", "gelu"])

@@ -539,11 +539,13 @@ class GemmConfig:
         )
 
     def grid(self, row_tiles: int, col_tiles: int, device: torch.device) -> tuple[tuple, int]:
-        """(launch grid, PROGRAMS) for at most ``row_tiles`` x ``col_tiles`` tiles."""
+        """(launch grid, PROGRAMS) for at most ``row_tiles`` x ``col_tiles`` tiles. The
+        persistent grid is ``per_sm`` x SMs (2 under the interpreter) whatever the rows, so
+        PROGRAMS, a compile-time constant, does not recompile the kernel per batch size;
+        programs beyond the real tile count run no iteration."""
         if not self.per_sm:
             return (row_tiles, col_tiles), 0
-        per_device = 2 if interpreting() else self.per_sm * sm_count(device)
-        programs = max(1, min(row_tiles * col_tiles, per_device))
+        programs = 2 if interpreting() else self.per_sm * sm_count(device)
         return (programs,), programs
 
 

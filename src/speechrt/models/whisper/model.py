@@ -271,7 +271,8 @@ class AudioEncoder(nn.Module):
 
     def forward(self, mel: Tensor, fused: bool = False) -> Tensor:
         """mel: (B, n_mels, 2 * n_audio_ctx) -> audio features (B, n_audio_ctx, n_audio_state);
-        ``fused``: the kernel path (FP32 residual, fused add + LayerNorm)."""
+        ``fused``: the kernel path (fused add + LayerNorm; FP32 residual unless
+        ``options.residual_fp32`` is off)."""
         if mel.ndim != 3 or mel.shape[-1] != 2 * self.n_ctx:
             raise AudioError(
                 f"encoder expects (B, n_mels, {2 * self.n_ctx}) mel, got {tuple(mel.shape)}"

@@ -34,6 +34,10 @@ if TYPE_CHECKING:  # decoding needs only the tokenizer's interface, not the mode
     from speechrt.models.whisper.tokenizer import WhisperTokenizer
 
 CHUNK_SECONDS = 30
+# Greedy decoding (temperature 0) runs each step's filters and update as a GreedyPost (device
+# length, fixed shapes; a CUDA graph per configuration in DecodeEngine sessions) instead of the
+# per-step host loop over filters and search; the tests hold both paths to the same tokens.
+GREEDY_POST = True
 
 
 class DecoderSession(Protocol):
@@ -56,6 +60,57 @@ class DecoderSession(Protocol):
 
     def reorder_cache(self, source: Tensor, length: int) -> None:
         """Self-attention cache row b <- row source[b] (positions [0, length) are written)."""
+
+    def greedy_post(self, filters: Sequence, eot: int) -> GreedyPost:
+        """A :class:`GreedyPost` over the session's rows with these filters (engines keep one
+        per configuration, so that its CUDA graph is captured once)."""
+
+    def post(self, post: GreedyPost, logits: Tensor) -> None:
+        """Run ``post`` on the logits :meth:`step` just returned (engines: a graph replay)."""
+
+
+class GreedyPost:
+    """The tail of a greedy (temperature 0) decode step with no host work: the filters'
+    ``apply_at``, :meth:`GreedySearch.update_at` on the token buffer, then ``length`` += 1 and
+    every row's position set to ``length - 1`` for the next step -- all on the device with
+    fixed shapes, so that an engine can capture it in a CUDA graph and replay it after each
+    step instead of launching its ~20 small kernels from Python one by one.
+
+    Its state (``length``, the search's ``sum_logprobs`` and ``done``) is kept in place across
+    windows; :meth:`start` resets it.
+    """
+
+    def __init__(self, filters: Sequence, eot: int, rows: int, device: torch.device) -> None:
+        self.filters = list(filters)
+        self.rows = rows
+        self.search = GreedySearch(0.0, eot, rows, device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+
+    @staticmethod
+    def signature(filters: Sequence, eot: int, rows: int) -> tuple:
+        """What a captured post depends on besides its buffers."""
+        return (eot, rows, *(f.signature() for f in filters))
+
+    def start(self, sample_begin: int, filters: Sequence) -> GreedySearch:
+        """Reset for a new batch of windows (``filters``: this batch's, of the same signature;
+        a forced-length filter's lengths are copied in); returns the search it updates."""
+        self.search.sum_logprobs.zero_()
+        self.search.done.fill_(False)
+        self.length.fill_(sample_begin)
+        for mine, theirs in zip(self.filters, filters):
+            if isinstance(mine, ForcedLength) and mine is not theirs:
+                mine.lengths.copy_(theirs.lengths)
+        return self.search
+
+    def __call__(self, logits: Tensor, tokens: Tensor, positions: Tensor) -> None:
+        """logits (>= B, V), tokens (>= B, W), positions (>= B,): the first B rows are the
+        session's (padding rows beyond are left alone)."""
+        logits, tokens = logits[: self.rows], tokens[: self.rows]
+        for f in self.filters:
+            f.apply_at(logits, tokens, self.length)
+        self.search.update_at(tokens, self.length, logits)
+        self.length.add_(1)
+        positions[: self.rows].copy_((self.length - 1).expand(self.rows))
 
 
 class CachedNet(Protocol):
@@ -94,6 +149,12 @@ class EagerSession:
 
     def reorder_cache(self, source: Tensor, length: int) -> None:
         self.net.reorder_cache(source)
+
+    def greedy_post(self, filters: Sequence, eot: int) -> GreedyPost:
+        return GreedyPost(filters, eot, self.tokens.shape[0], self.device)
+
+    def post(self, post: GreedyPost, logits: Tensor) -> None:
+        post(logits, self.tokens, self.positions)
 
 
 @dataclass(frozen=True)
@@ -229,6 +290,7 @@ class WindowDecoder:
         self.sot_index = self.initial_tokens.index(tokenizer.sot)
         self.filters = self._filters(n_audio_ctx)
         self.stop_lag = stop_lag
+        self.greedy_post = GREEDY_POST
 
     def initial_tokens_for(self, prompt: str | Sequence[int] | None) -> tuple[int, ...]:
         """SOT sequence (+ no-timestamps, prefix) after ``<|startofprev|> prompt`` if any."""
@@ -326,8 +388,12 @@ class WindowDecoder:
         returns (search, final length, no-speech probability per row)."""
         opts, eot = self.options, self.tokenizer.eot
         batch, device = tokens.shape[0], tokens.device
+        post = None
         if opts.beam_size is not None:
             search = BeamSearch(opts.beam_size, eot, opts.patience, n_audio, self.n_ctx, device)
+        elif opts.temperature == 0 and self.greedy_post and hasattr(session, "greedy_post"):
+            post = session.greedy_post(filters, eot)
+            search = post.start(self.sample_begin, filters)
         else:
             search = GreedySearch(opts.temperature, eot, batch, device)
         stop = StopFlag(device, self.stop_lag)
@@ -336,6 +402,15 @@ class WindowDecoder:
         logits = session.prefill(tokens[:, :length], (self.sot_index, length - 1))
         no_speech = logits[:, 0].softmax(dim=-1)[:, self.tokenizer.no_speech]
         logits = logits[:, 1]
+        if post is not None:  # filters, update and next positions on the device
+            post(logits, tokens, positions)  # the prefill's logits: eagerly
+            length += 1
+            for _ in range(1, self.sample_len):
+                if length > self.n_ctx or stop(search.done):
+                    break
+                session.post(post, session.step(kv_len=length))
+                length += 1
+            return search, length, no_speech.tolist()  # sync-ok: after the step loop
         for i in range(self.sample_len):
             if i > 0:
                 positions.fill_(length - 1)

@@ -3,6 +3,11 @@
 ``apply(logits, tokens, length)`` sees the token buffer ``tokens`` (B, >= length) whose first
 ``length`` columns are the context so far (initial tokens, then sampled ones from
 ``sample_begin`` on). ``length`` is a host int (the step number), never read from the device.
+
+``apply_at(logits, tokens, length)`` does the same with ``length`` a 0-d long tensor on the
+device and every shape fixed (the whole token buffer, masked past ``length``), so that one CUDA
+graph can run it at every step; ``signature()`` names what a captured graph depends on. The
+tests hold ``apply_at`` equal to ``apply``.
 """
 
 from __future__ import annotations
@@ -40,12 +45,26 @@ class SuppressBlank(_Indexed):
         if length == self.sample_begin:
             logits.index_fill_(1, self.index(logits.device), NEG_INF)
 
+    def apply_at(self, logits: Tensor, tokens: Tensor, length: Tensor) -> None:
+        idx = self.index(logits.device)
+        first = length == self.sample_begin  # 0-d bool
+        logits.index_copy_(1, idx, logits.index_select(1, idx).masked_fill(first, NEG_INF))
+
+    def signature(self) -> tuple:
+        return (type(self).__name__, tuple(self.ids), self.sample_begin)
+
 
 class SuppressTokens(_Indexed):
     """Forbid a fixed set of tokens at every step."""
 
     def apply(self, logits: Tensor, tokens: Tensor, length: int) -> None:
         logits.index_fill_(1, self.index(logits.device), NEG_INF)
+
+    def apply_at(self, logits: Tensor, tokens: Tensor, length: Tensor) -> None:
+        self.apply(logits, tokens, 0)
+
+    def signature(self) -> tuple:
+        return (type(self).__name__, tuple(self.ids))
 
 
 class ApplyTimestampRules:
@@ -86,6 +105,38 @@ class ApplyTimestampRules:
         text_max = logprobs[:, : self.ts_begin].max(dim=-1).values  # (B,)
         logits[:, : self.ts_begin].masked_fill_((ts_logprob > text_max)[:, None], NEG_INF)
 
+    def apply_at(self, logits: Tensor, tokens: Tensor, length: Tensor) -> None:
+        logits[:, self.no_timestamps] = NEG_INF
+        first = length <= self.sample_begin  # 0-d bool: nothing sampled yet
+        sampled = tokens[:, self.sample_begin :]  # (B, W): the first length - begin are real
+        n = length - self.sample_begin  # tokens sampled so far
+        steps = torch.arange(sampled.shape[1], device=sampled.device)
+        is_ts = (sampled >= self.ts_begin) & (steps < n)[None, :]  # (B, W)
+        rows = sampled.shape[0]
+        last = is_ts.gather(1, (n - 1).clamp(min=0).expand(rows, 1))[:, 0] & (n >= 1)
+        penultimate = is_ts.gather(1, (n - 2).clamp(min=0).expand(rows, 1))[:, 0] | (n < 2)
+        pair, lone = last & penultimate, last & ~penultimate  # (B,), both False when first
+        timestamps = logits[:, self.ts_begin :]  # (B, n_timestamps) view
+        timestamps.masked_fill_(pair[:, None], NEG_INF)
+        logits[:, : self.eot].masked_fill_(lone[:, None], NEG_INF)
+        where_last = torch.where(is_ts, steps, -1).amax(dim=1)  # (B,) -1: no timestamp yet
+        last_ts = sampled.gather(1, where_last.clamp(min=0)[:, None])[:, 0] - self.ts_begin
+        limit = torch.where(lone, last_ts, last_ts + 1)  # first allowed index
+        ts_index = torch.arange(timestamps.shape[1], device=logits.device)
+        below = (where_last >= 0)[:, None] & (ts_index[None, :] < limit[:, None])  # (B, n_ts)
+        timestamps.masked_fill_(below, NEG_INF)
+        logits[:, : self.ts_begin].masked_fill_(first, NEG_INF)
+        if self.max_initial is not None:
+            logits[:, self.ts_begin + self.max_initial + 1 :].masked_fill_(first, NEG_INF)
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (B, V)
+        ts_logprob = logprobs[:, self.ts_begin :].logsumexp(dim=-1)  # (B,)
+        text_max = logprobs[:, : self.ts_begin].max(dim=-1).values  # (B,)
+        logits[:, : self.ts_begin].masked_fill_((ts_logprob > text_max)[:, None], NEG_INF)
+
+    def signature(self) -> tuple:
+        return (type(self).__name__, self.ts_begin, self.eot, self.no_timestamps,
+                self.sample_begin, self.max_initial)  # fmt: skip
+
     def _pair_and_order(self, logits: Tensor, sampled: Tensor) -> None:
         """Mask logits (B, V) by the pair and order rules given sampled tokens (B, S >= 1)."""
         is_ts = sampled >= self.ts_begin  # (B, S)
@@ -116,11 +167,21 @@ class ForcedLength:
         self.eot = eot
         self._not_eot: Tensor | None = None  # (V,) bool
 
-    def apply(self, logits: Tensor, tokens: Tensor, length: int) -> None:
-        sampled = length - self.sample_begin  # tokens sampled so far (host int)
+    def apply_at(self, logits: Tensor, tokens: Tensor, length: Tensor) -> None:
+        self.apply(logits, tokens, length)  # its ops take a device length as they take an int
+
+    def signature(self) -> tuple:
+        return (type(self).__name__, self.sample_begin, self.eot, self.lengths.shape[0])
+
+    def apply(self, logits: Tensor, tokens: Tensor, length: int | Tensor) -> None:
+        sampled = length - self.sample_begin  # tokens sampled so far
         logits[:, self.eot].masked_fill_(self.lengths > sampled, NEG_INF)
         if self._not_eot is None:
             self._not_eot = torch.ones_like(logits[0], dtype=torch.bool)
             self._not_eot[self.eot] = False
-        ends = (self.lengths == sampled)[:, None] & self._not_eot[None, :]  # (B, V)
-        logits.masked_fill_(ends, NEG_INF)
+        ends = self.lengths == sampled  # (B,)
+        logits.masked_fill_(ends[:, None] & self._not_eot[None, :], NEG_INF)
+        # EOT itself may have been masked by an earlier filter (the timestamp rules forbid all
+        # text, EOT included, when timestamps dominate): give it a finite logit where it must
+        # come, or the row would pick token 0 with a NaN log-prob and run past its length
+        logits[:, self.eot] = torch.where(ends, 0.0, logits[:, self.eot])

@@ -33,6 +33,22 @@ class GreedySearch:
         self.sum_logprobs = torch.zeros(batch, device=device)  # (B,)
         self.done = torch.zeros((), dtype=torch.bool, device=device)
 
+    def update_at(self, tokens: Tensor, length: Tensor, logits: Tensor) -> None:
+        """:meth:`update` at temperature 0 with ``length`` a 0-d long device tensor, its state
+        updated in place (``sum_logprobs``, ``done`` keep their storage): one CUDA graph can
+        run it at every step."""
+        if self.temperature != 0:
+            raise UnsupportedOptionError("update_at is the greedy (temperature 0) update")
+        rows = tokens.shape[0]
+        chosen = logits.argmax(dim=-1)  # (B,)
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        chosen_logprob = logprobs.gather(1, chosen[:, None])[:, 0]  # (B,)
+        ended = tokens.gather(1, (length - 1).expand(rows, 1))[:, 0] == self.eot
+        self.sum_logprobs.add_(chosen_logprob.masked_fill(ended, 0.0))
+        new = torch.where(ended, self.eot, chosen)
+        tokens.scatter_(1, length.expand(rows, 1), new[:, None])
+        self.done.copy_(new.eq(self.eot).all())
+
     def update(
         self, tokens: Tensor, length: int, logits: Tensor, reorder: Callable | None = None
     ) -> None:

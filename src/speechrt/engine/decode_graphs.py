@@ -11,6 +11,10 @@ the prefill of the initial tokens (once per window) and the single-token steps:
   columns of the same buffer in place (other token tensors, e.g. language detection's SOT, are
   copied into a staging buffer) and returns only the logits of the positions asked for,
   gathered inside the graph (no (B, T, V) logits);
+* greedy decoding (temperature 0) hands each step's tail -- logit filters, argmax update of
+  the token buffer, next positions -- to a :class:`~speechrt.decoding.whisper.GreedyPost` kept
+  per (rows, filters) configuration and replayed as its own graph right after the step (one
+  launch instead of ~20 small kernels from Python per token);
 * ``set_audio`` is captured per (padded audios, feature shape, kernel path), the prefill per
   (padded rows, token buffer width, length bucket, gathered positions, padded audios, kernel
   path), the step per (padded rows, padded audios, kv bucket, kernel path); beam-search cache
@@ -44,7 +48,7 @@ import torch
 from torch import Tensor
 
 from speechrt.engine.batching import Buckets
-from speechrt.engine.graphs import GraphRunner
+from speechrt.engine.graphs import GraphRunner, GraphStats
 
 
 class CachedDecoder(Protocol):
@@ -85,7 +89,13 @@ class DecodeEngine:
     """Bucketed CUDA-graph decoding passes of ``net``; see the module docstring.
 
     ``pad``: pad batches to buckets (default: on CUDA only), e.g. to test padding on CPU.
+    ``post_graphs`` (class default :data:`POST_GRAPHS`): replay the greedy step tails from
+    CUDA graphs; off, they run eagerly (the same code).
     """
+
+    # Off until an H200 run of tests/models/whisper/test_prefill.py::
+    # test_cuda_graph_decoding_like_eager has held the replayed tails to the eager ones.
+    POST_GRAPHS = False
 
     def __init__(
         self,
@@ -106,6 +116,9 @@ class DecodeEngine:
             self._prefill, enabled=cuda_graphs, copy_inputs=False, share_pool=True
         )
         self.audios = GraphRunner(net.set_audio, enabled=cuda_graphs, copy_inputs=False)
+        # greedy step tails (decoding.whisper.GreedyPost), one per configuration, each with
+        # its own runner: captured without warm-up (a post advances its state in place)
+        self._posts: dict[tuple, tuple[object, GraphRunner]] = {}
         self._buffers: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
         self._static: dict[tuple, Tensor] = {}  # staging tokens, gather positions, features
         self._version: int | None = None
@@ -122,12 +135,21 @@ class DecodeEngine:
     def cuda_graphs(self, enabled: bool) -> None:
         for runner in self.runners:
             runner.enabled = enabled
+        for _, runner in self._posts.values():
+            runner.enabled = enabled and self.POST_GRAPHS
 
     def stats(self) -> dict:
         """Captures, replays, eager calls and capture seconds of all graphs (set_audio,
-        prefill, step, reorder), plus ``by_pass``: {pass: (captures, replays)}."""
-        all_stats = [r.stats for r in self.runners]
-        names = ("set_audio", "prefill", "step", "reorder")
+        prefill, step, reorder, greedy post), plus ``by_pass``: {pass: (captures, replays)}."""
+        posts = GraphStats()  # the post runners' stats summed
+        for _, runner in self._posts.values():
+            posts.captures += runner.stats.captures
+            posts.replays += runner.stats.replays
+            posts.eager_calls += runner.stats.eager_calls
+            posts.capture_seconds.update(runner.stats.capture_seconds)
+            posts.capture_failure = posts.capture_failure or runner.stats.capture_failure
+        all_stats = [r.stats for r in self.runners] + [posts]
+        names = ("set_audio", "prefill", "step", "reorder", "post")
         failures = [s.capture_failure for s in all_stats if s.capture_failure]
         return {
             "captures": sum(s.captures for s in all_stats),
@@ -165,6 +187,7 @@ class DecodeEngine:
         if self.net.cache_version != self._version:
             for runner in self.runners:
                 runner.clear()
+            self._posts.clear()
             self._version = self.net.cache_version
         if self.pads(features.device):
             shape = (n_pad, *features.shape[1:])  # (Ap, S, D)
@@ -175,6 +198,18 @@ class DecodeEngine:
         else:
             self.net.set_audio(features)
         return DecodeSession(self, n_audio, n_pad, group, features.device)
+
+    def greedy_post(self, filters, eot: int, rows: int, rows_pad: int, width: int, device):
+        """The (GreedyPost, runner) of this configuration, made on first use."""
+        from speechrt.decoding.whisper import GreedyPost
+
+        key = (rows_pad, width, device, GreedyPost.signature(filters, eot, rows))
+        if key not in self._posts:
+            post = GreedyPost(filters, eot, rows, device)
+            enabled = self.cuda_graphs and self.POST_GRAPHS
+            runner = GraphRunner(post, enabled=enabled, warmup=0, copy_inputs=False)
+            self._posts[key] = (post, runner)
+        return self._posts[key]
 
     def static_buffer(
         self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -221,6 +256,8 @@ class DecodeSession:
         self._tokens: Tensor | None = None
         self._positions: Tensor | None = None
         self._source: Tensor | None = None
+        self._step_out: Tensor | None = None
+        self._post_runner: GraphRunner | None = None
 
     def token_buffers(self, batch: int, width: int) -> tuple[Tensor, Tensor]:
         """The engine's token buffer (B, width) and positions (B,) views that :meth:`step`
@@ -286,7 +323,26 @@ class DecodeSession:
             kv = e.kv_bucket(kv_len, self.device)
         key = (self.rows_pad, self._tokens.shape[1], self.n_pad, kv, by_position)
         out = e.steps(key, self._tokens, self._positions, kv, self.n_pad)
+        self._step_out = out
         return out[: self.rows]
+
+    def greedy_post(self, filters, eot: int):
+        """The engine's :class:`~speechrt.decoding.whisper.GreedyPost` for these filters over
+        this session's rows (see :meth:`post`)."""
+        post, runner = self.engine.greedy_post(
+            filters, eot, self.rows, self.rows_pad, self._tokens.shape[1], self.device
+        )
+        self._post_runner = runner
+        return post
+
+    def post(self, post, logits: Tensor) -> None:
+        """Run ``post`` on the logits :meth:`step` just returned: on CUDA one replay of its
+        graph over the step's full output and the token/position buffers (captured per step
+        output buffer: one per step graph)."""
+        out = self._step_out
+        if logits.data_ptr() != out.data_ptr():
+            raise ValueError("post takes the logits of this session's last step")
+        self._post_runner(out.data_ptr(), out, self._tokens, self._positions)
 
     def reorder_cache(self, source: Tensor, length: int) -> None:
         """Self-attention cache row b <- row source[b] (B,), for the ``length`` positions

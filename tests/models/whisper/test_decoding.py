@@ -9,9 +9,15 @@ import pytest
 import torch
 
 from speechrt.audio.log_mel import N_FRAMES, log_mel_spectrogram
+from speechrt.decoding import whisper as whisper_decoding
 from speechrt.decoding.whisper import WhisperDecodeOptions, WindowDecoder
-from speechrt.decoding.whisper_filters import ApplyTimestampRules
-from speechrt.decoding.whisper_search import BeamSearch, rank
+from speechrt.decoding.whisper_filters import (
+    ApplyTimestampRules,
+    ForcedLength,
+    SuppressBlank,
+    SuppressTokens,
+)
+from speechrt.decoding.whisper_search import BeamSearch, GreedySearch, rank
 from speechrt.errors import UnsupportedOptionError
 
 whisper = pytest.importorskip("whisper")
@@ -124,6 +130,87 @@ def test_timestamp_rules_match_per_row_reference():
         )
         assert torch.equal(ours.isinf(), ref.isinf()), length
         assert torch.equal(ours, ref)
+
+
+def _histories(tokenizer, rows: int, width: int, gen) -> torch.Tensor:
+    """(rows, width) random text/timestamp tokens after the SOT sequence."""
+    tb = tokenizer.timestamp_begin
+    hist = torch.randint(0, 400, (rows, width), generator=gen)
+    is_ts = torch.rand(rows, width, generator=gen) < 0.5
+    hist = torch.where(is_ts, tb + torch.randint(0, 1501, (rows, width), generator=gen), hist)
+    hist[:, :3] = torch.tensor(tokenizer.sot_sequence)
+    return hist
+
+
+@pytest.mark.parametrize("max_initial", [50, None])
+def test_filters_apply_at_equal_apply(max_initial):
+    """Each filter's fixed-shape ``apply_at`` (device length, the whole token buffer with
+    garbage past the length) equals its ``apply`` (host length, the context so far)."""
+    tokenizer = whisper.tokenizer.get_tokenizer(True, language="en", task="transcribe")
+    gen = torch.Generator().manual_seed(1)
+    tb, eot, begin = tokenizer.timestamp_begin, tokenizer.eot, 3
+    filters = [
+        SuppressBlank([220, eot], begin),
+        SuppressTokens([1, 7, 400]),
+        ApplyTimestampRules(tb, eot, tokenizer.no_timestamps, begin, max_initial),
+        ForcedLength(torch.tensor([0, 1, 2, 5] * 16), begin, eot),
+    ]
+    tokens = _histories(tokenizer, 64, 40, gen)  # (B, W): columns >= length are garbage
+    for length in (3, 4, 5, 9, 40):
+        logits = torch.randn(64, 51865, generator=gen) * 3
+        logits[::5, tb:] += 8.0  # some rows where timestamps dominate
+        for f in filters:
+            old, new = logits.clone(), logits.clone()
+            f.apply(old, tokens[:, :length], length)
+            f.apply_at(new, tokens, torch.tensor(length))
+            assert torch.equal(new, old), (type(f).__name__, length)
+    # all filters in order, timestamps dominating every row: a row whose forced length is
+    # reached still ends with EOT (the timestamp rule masks EOT with the text first)
+    logits = torch.randn(64, 51865, generator=gen)
+    logits[:, tb:] += 20.0
+    for f in filters:
+        f.apply(logits, tokens[:, :5], 5)
+    ends = filters[-1].lengths == 2  # 5 - begin tokens sampled
+    assert (logits[ends].argmax(dim=-1) == eot).all()
+    assert logits[ends].isfinite().sum() == ends.sum()  # EOT alone
+
+
+def test_greedy_update_at_equals_update():
+    """``update_at`` (device length, state in place) = ``update``: tokens, sums, done."""
+    gen = torch.Generator().manual_seed(2)
+    eot, rows, width = 50, 6, 12
+    tokens = torch.randint(0, 40, (rows, width), generator=gen)
+    tokens[1, 4], tokens[3, 4] = eot, eot  # rows already ended before length 5
+    old, new = GreedySearch(0.0, eot, rows, "cpu"), GreedySearch(0.0, eot, rows, "cpu")
+    sums, done = new.sum_logprobs, new.done
+    t_old, t_new = tokens.clone(), tokens.clone()
+    for length in (5, 6, 7):
+        logits = torch.randn(rows, 60, generator=gen)
+        logits[0, eot] = 10.0  # row 0 ends now
+        old.update(t_old, length, logits.clone())
+        new.update_at(t_new, torch.tensor(length), logits.clone())
+        assert torch.equal(t_new, t_old)
+        assert torch.equal(new.sum_logprobs, old.sum_logprobs) and bool(new.done) == bool(old.done)
+    assert new.sum_logprobs is sums and new.done is done  # updated in place
+    with pytest.raises(UnsupportedOptionError, match="temperature 0"):
+        GreedySearch(0.5, eot, rows, "cpu").update_at(t_new, torch.tensor(8), logits)
+
+
+@pytest.mark.parametrize("options", [{}, {"without_timestamps": True, "language": "en"}])
+def test_greedy_post_path_equals_host_loop(model, mels, options, monkeypatch):
+    """The GreedyPost step tail and the host loop over filters/search give the same windows,
+    also with forced lengths (the benchmarks' mode) and over several batches reusing it."""
+    features = model.embed_audio(mels)
+    opts = WhisperDecodeOptions(**options)
+    forced = torch.tensor([3, 7, 1])
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(whisper_decoding, "GREEDY_POST", on)
+        runs[on] = [model.decode_features(features, opts),
+                    model.decode_features(features, opts, forced_lengths=forced),
+                    model.decode_features(features[1:], opts)]  # fmt: skip
+    assert runs[True] == runs[False]
+    assert [len(r.tokens) for r in runs[True][1]] == forced.tolist()
 
 
 class _Recorder(ref_decoding.Inference):

@@ -207,13 +207,15 @@ def test_cuda_prefill_graphs_equal_eager(pt_path, long_audio, kernels):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", DECODE_OPTIONS)
-def test_cuda_graph_decoding_like_eager(pt_path, mels, options):
+def test_cuda_graph_decoding_like_eager(pt_path, mels, options, monkeypatch):
     """Window decoding (language detection, prompts, beams) with every pass replayed from
     graphs == the same padded passes run eagerly; prefills replay once captured."""
+    from speechrt.engine.decode_graphs import DecodeEngine
     from speechrt.models.whisper import load_whisper
 
     model = load_whisper(pt_path, device="cuda", dtype=torch.float16)
     n = 1 if "beam_size" in options else 3
+    monkeypatch.setattr(DecodeEngine, "POST_GRAPHS", True)  # greedy step tails too (opt-in)
     opts = WhisperDecodeOptions(**options)
     model.configure(cuda_graphs=False)
     feats = model.embed_audio(mels[:n].cuda())
@@ -224,6 +226,11 @@ def test_cuda_graph_decoding_like_eager(pt_path, mels, options):
         assert [r.tokens for r in graphed] == [r.tokens for r in eager]
         assert [r.sum_logprob for r in graphed] == [r.sum_logprob for r in eager]
         assert [r.no_speech_prob for r in graphed] == [r.no_speech_prob for r in eager]
-    captures, replays = model.engine.stats()["by_pass"]["prefill"]
+    stats = model.engine.stats()
+    captures, replays = stats["by_pass"]["prefill"]
     detects = "language" not in options
     assert captures == 1 + detects and replays == 2 * captures
+    assert stats["capture_failure"] is None
+    if "beam_size" not in options:  # greedy: the step tail replayed as its own graph
+        post_captures, post_replays = stats["by_pass"]["post"]
+        assert post_captures >= 1 and post_replays > post_captures

@@ -290,7 +290,7 @@ class WindowDecoder:
         self.sot_index = self.initial_tokens.index(tokenizer.sot)
         self.filters = self._filters(n_audio_ctx)
         self.stop_lag = stop_lag
-        self.greedy_post = GREEDY_POST
+        self.use_greedy_post = GREEDY_POST
 
     def initial_tokens_for(self, prompt: str | Sequence[int] | None) -> tuple[int, ...]:
         """SOT sequence (+ no-timestamps, prefix) after ``<|startofprev|> prompt`` if any."""
@@ -391,7 +391,7 @@ class WindowDecoder:
         post = None
         if opts.beam_size is not None:
             search = BeamSearch(opts.beam_size, eot, opts.patience, n_audio, self.n_ctx, device)
-        elif opts.temperature == 0 and self.greedy_post and hasattr(session, "greedy_post"):
+        elif opts.temperature == 0 and self.use_greedy_post and hasattr(session, "greedy_post"):
             post = session.greedy_post(filters, eot)
             search = post.start(self.sample_begin, filters)
         else:

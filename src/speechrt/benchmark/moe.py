@@ -690,11 +690,11 @@ def gemm_rows(cfg: MoEBenchConfig, dt: str) -> list[dict]:
     return rows
 
 
-def _sweep(cfg, dt, x, order, offsets, t, rows, routing, flops, dense_ms, dense) -> tuple:
+def _sweep(cfg, dt, x, order, offsets, t, rows, routing, flops, dense_ffn, dense) -> tuple:
     """Time the up and down GEMMs alone for every config (x_dense against the dense GEMM of that
-    part, ``dense``); add rows; return (best up, best down) by GPU time and add a
-    ``best_gemms`` row (their sum: the grouped GEMM without the sort, against the whole dense
-    FFN)."""
+    part, ``dense``: {part: (GPU ms, events ms)}); add rows; return (best up, best down) by GPU
+    time and add a ``best_gemms`` row (their sum: the grouped GEMM without the sort, against
+    the whole dense FFN's times ``dense_ffn``)."""
     from speechrt.kernels.moe import _expert_down, _expert_up, _gemm_config
 
     default = _gemm_config(order.numel(), cfg.num_experts, x.dtype)
@@ -722,7 +722,7 @@ def _sweep(cfg, dt, x, order, offsets, t, rows, routing, flops, dense_ms, dense)
     if up is not None and down is not None:
         label = f"{up}/{down}"
         both = (up_ms[0] + down_ms[0], up_ms[1] + down_ms[1])
-        rows.append(_gemm_row(dt, routing, "best_gemms", label, both, flops, dense_ms))
+        rows.append(_gemm_row(dt, routing, "best_gemms", label, both, flops, dense_ffn))
     return up, down
 
 

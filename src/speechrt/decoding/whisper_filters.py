@@ -100,10 +100,7 @@ class ApplyTimestampRules:
             logits[:, : self.ts_begin] = NEG_INF
             if self.max_initial is not None:
                 logits[:, self.ts_begin + self.max_initial + 1 :] = NEG_INF
-        logprobs = F.log_softmax(logits.float(), dim=-1)  # (B, V)
-        ts_logprob = logprobs[:, self.ts_begin :].logsumexp(dim=-1)  # (B,)
-        text_max = logprobs[:, : self.ts_begin].max(dim=-1).values  # (B,)
-        logits[:, : self.ts_begin].masked_fill_((ts_logprob > text_max)[:, None], NEG_INF)
+        self._timestamps_dominate(logits)
 
     def apply_at(self, logits: Tensor, tokens: Tensor, length: Tensor) -> None:
         logits[:, self.no_timestamps] = NEG_INF
@@ -128,14 +125,19 @@ class ApplyTimestampRules:
         logits[:, : self.ts_begin].masked_fill_(first, NEG_INF)
         if self.max_initial is not None:
             logits[:, self.ts_begin + self.max_initial + 1 :].masked_fill_(first, NEG_INF)
-        logprobs = F.log_softmax(logits.float(), dim=-1)  # (B, V)
-        ts_logprob = logprobs[:, self.ts_begin :].logsumexp(dim=-1)  # (B,)
-        text_max = logprobs[:, : self.ts_begin].max(dim=-1).values  # (B,)
-        logits[:, : self.ts_begin].masked_fill_((ts_logprob > text_max)[:, None], NEG_INF)
+        self._timestamps_dominate(logits)
 
     def signature(self) -> tuple:
         return (type(self).__name__, self.ts_begin, self.eot, self.no_timestamps,
                 self.sample_begin, self.max_initial)  # fmt: skip
+
+    def _timestamps_dominate(self, logits: Tensor) -> None:
+        """Forbid every text token (EOT included) in rows where the timestamps' total
+        probability beats each single text token's."""
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (B, V)
+        ts_logprob = logprobs[:, self.ts_begin :].logsumexp(dim=-1)  # (B,)
+        text_max = logprobs[:, : self.ts_begin].max(dim=-1).values  # (B,)
+        logits[:, : self.ts_begin].masked_fill_((ts_logprob > text_max)[:, None], NEG_INF)
 
     def _pair_and_order(self, logits: Tensor, sampled: Tensor) -> None:
         """Mask logits (B, V) by the pair and order rules given sampled tokens (B, S >= 1)."""

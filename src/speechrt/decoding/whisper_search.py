@@ -24,6 +24,11 @@ from speechrt.errors import UnsupportedOptionError
 Candidates = list[list[tuple[list[int], float]]]
 
 
+def _logprob_of(logits: Tensor, chosen: Tensor) -> Tensor:
+    """float32 log-softmax of logits (B, V) at the chosen tokens (B,) -> (B,)."""
+    return F.log_softmax(logits.float(), dim=-1).gather(1, chosen[:, None])[:, 0]
+
+
 class GreedySearch:
     """Argmax at temperature 0, else one sample per row from softmax(logits / temperature)."""
 
@@ -41,8 +46,7 @@ class GreedySearch:
             raise UnsupportedOptionError("update_at is the greedy (temperature 0) update")
         rows = tokens.shape[0]
         chosen = logits.argmax(dim=-1)  # (B,)
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        chosen_logprob = logprobs.gather(1, chosen[:, None])[:, 0]  # (B,)
+        chosen_logprob = _logprob_of(logits, chosen)
         ended = tokens.gather(1, (length - 1).expand(rows, 1))[:, 0] == self.eot
         self.sum_logprobs.add_(chosen_logprob.masked_fill(ended, 0.0))
         new = torch.where(ended, self.eot, chosen)
@@ -59,8 +63,7 @@ class GreedySearch:
         else:
             dist = Categorical(logits=logits / self.temperature, validate_args=False)
             chosen = dist.sample()
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        chosen_logprob = logprobs.gather(1, chosen[:, None])[:, 0]  # (B,)
+        chosen_logprob = _logprob_of(logits, chosen)
         ended = tokens[:, length - 1] == self.eot
         self.sum_logprobs = torch.where(
             ended, self.sum_logprobs, self.sum_logprobs + chosen_logprob

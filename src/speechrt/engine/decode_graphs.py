@@ -339,10 +339,12 @@ class DecodeSession:
         """Run ``post`` on the logits :meth:`step` just returned: on CUDA one replay of its
         graph over the step's full output and the token/position buffers (captured per step
         output buffer: one per step graph)."""
-        out = self._step_out
+        out, runner = self._step_out, self._post_runner
+        if runner is None or runner.fn is not post:
+            raise ValueError("post takes the GreedyPost this session's greedy_post returned")
         if logits.data_ptr() != out.data_ptr():
             raise ValueError("post takes the logits of this session's last step")
-        self._post_runner(out.data_ptr(), out, self._tokens, self._positions)
+        runner(out.data_ptr(), out, self._tokens, self._positions)
 
     def reorder_cache(self, source: Tensor, length: int) -> None:
         """Self-attention cache row b <- row source[b] (B,), for the ``length`` positions

@@ -122,14 +122,20 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
         return self.fc2(F.gelu(self.fc1(x)))
 
+    @staticmethod
+    def cublaslt_applies(x: Tensor) -> bool:
+        """Whether fc1 can run through cuBLASLt's bias + GELU epilogue: float16/bfloat16 on
+        CUDA."""
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
     def forward_fused(self, x: Tensor, cublaslt: bool = False) -> Tensor:  # (B, T, D)
         """Kernel path: GELU in fc1's GEMM epilogue (one write of the (B, T, 4D) hidden).
 
-        ``cublaslt``: for float16/bfloat16 on CUDA, fc1 through cuBLASLt with its bias + GELU
-        epilogue (``torch._addmm_activation``), whose GELU is the tanh form: it differs from the
-        exact GELU by at most 4.7e-4 (near x = 2.7), under half of float16's rounding step there
-        (2^-9); otherwise (float32, CPU) the Triton kernel with the exact GELU."""
-        if cublaslt and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        ``cublaslt`` (only where :meth:`cublaslt_applies`): fc1 through cuBLASLt with its bias +
+        GELU epilogue (``torch._addmm_activation``), whose GELU is the tanh form: it differs
+        from the exact GELU by at most 4.7e-4 (near x = 2.7), under half of float16's rounding
+        step there (2^-9); otherwise the Triton kernel with the exact GELU."""
+        if cublaslt:
             h = torch._addmm_activation(
                 self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True
             )
@@ -225,7 +231,7 @@ class EncoderLayer(nn.Module):
         """Kernel path: residual x (B, T, D) and h = attn_norm(x) -> (x', next_norm(x'))."""
         branch = self.attend(h, packed=options.packed_qkv)
         x, h = _add_norm_fused(branch, x, self.ffn_norm)
-        lt = options.fc1_cublaslt and h.is_cuda and h.dtype in (torch.float16, torch.bfloat16)
+        lt = options.fc1_cublaslt and self.ffn.cublaslt_applies(h)
         if lt or options.fc1_epilogue:
             branch = self.ffn.forward_fused(h, cublaslt=lt)
         else:

@@ -234,6 +234,29 @@ def test_int8_cache_close_to_the_float_cache(dtype, device):
     assert err < 2 * float(vs.max()) < 0.5 * float(gold.abs().max())
 
 
+@pytest.mark.parametrize("low, high", [(-4.0, 1.5), (-6.0, -4.0)])
+def test_int8_float16_value_scales_far_apart(low, high, device, max_err):
+    """float16 queries over int8 caches whose value rows span 10^low .. 10^high inside one
+    tile -- all of them tiny in the second case, where value scales times probabilities would
+    be float16 subnormals (so the scales must not ride on the float16 probabilities) -- and
+    keys that spread the scores. Relative to the output's size, within twice torch's own
+    float16 error."""
+    b, h, length, d = 3, 2, 96, 64
+    (k, v), _, _ = _int8_cache(b, h, length, d, device)
+    sizes = torch.logspace(low, high, length, device=device)
+    v = v * sizes[torch.randperm(length, device=device)][:, None]
+    k[:, :, : length // 2] *= 3.0
+    (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+    q = torch.randn(b, h, d, device=device).half()
+    kw = dict(k_scale=ks, v_scale=vs)
+    gold = decode_attention_ref(q, kq, vq, **kw)
+    size = float(gold.abs().max())
+    torch_err = max_err(decode_attention_ref(q, kq, vq, upcast=False, **kw), gold) / size
+    for splits in (1, 3):
+        out = decode_attention(q, kq, vq, num_splits=splits, block_n=32, **kw)
+        assert max_err(out, gold) / size <= 2 * torch_err + 1e-3, splits
+
+
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("stages", [1, 4])
 def test_pipeline_stages_match_reference(stages, int8, device, check_output):

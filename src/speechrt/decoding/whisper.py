@@ -28,6 +28,7 @@ from speechrt.decoding.whisper_filters import (
     SuppressTokens,
 )
 from speechrt.decoding.whisper_search import BeamSearch, GreedySearch, rank
+from speechrt.engine.transfer import as_device_tensor
 from speechrt.errors import UnsupportedOptionError
 
 if TYPE_CHECKING:  # decoding needs only the tokenizer's interface, not the model package
@@ -256,7 +257,7 @@ def detect_language(
         session = EagerSession(session, device)
     sot = torch.full((n_audio, 1), tokenizer.sot, dtype=torch.long, device=device)
     logits = session.prefill(sot, (0,))[:, 0]  # (A, V)
-    allowed = torch.tensor(tokenizer.all_language_tokens, device=device)
+    allowed = as_device_tensor(tokenizer.all_language_tokens, device)
     masked = torch.full_like(logits, float("-inf"))
     masked[:, allowed] = logits[:, allowed]
     tokens = masked.argmax(dim=-1)  # (A,)
@@ -351,7 +352,7 @@ class WindowDecoder:
             tokens[:, self.sot_index + 1] = lang_tokens
         filters = list(self.filters)
         if forced_lengths is not None:
-            lengths = forced_lengths.to(device).repeat_interleave(self.group)  # (B,)
+            lengths = as_device_tensor(forced_lengths, device).repeat_interleave(self.group)  # (B,)
             filters.append(ForcedLength(lengths, self.sample_begin, tok.eot))
         buffer, positions = session.token_buffers(n_audio * self.group, self.n_ctx + 1)
         buffer.copy_(tokens.repeat_interleave(self.group, dim=0))  # (B, n_ctx + 1)
@@ -370,11 +371,11 @@ class WindowDecoder:
     def _initial_rows(self, prompts, n_audio: int, device: torch.device) -> Tensor:
         """Initial tokens (1 or A, sample_begin) for all windows or one row per window."""
         if prompts is None:
-            return torch.tensor(self.initial_tokens, device=device)[None]
+            return as_device_tensor(self.initial_tokens, device)[None]
         rows = [self.initial_tokens_for(p) for p in prompts]
         if len(rows) != n_audio or any(len(r) != self.sample_begin for r in rows):
             raise ValueError("need one prompt per window, all as long as options.prompt")
-        return torch.tensor(rows, device=device)  # (A, sample_begin)
+        return as_device_tensor(rows, device)  # (A, sample_begin)
 
     def _search(
         self,

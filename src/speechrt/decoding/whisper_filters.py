@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from speechrt.engine.transfer import as_device_tensor
+
 NEG_INF = float("-inf")
 
 
@@ -30,7 +32,7 @@ class _Indexed:
 
     def index(self, device: torch.device) -> Tensor:
         if device not in self._on:
-            self._on[device] = torch.tensor(self.ids, dtype=torch.long, device=device)
+            self._on[device] = as_device_tensor(self.ids, device)
         return self._on[device]
 
 

@@ -215,7 +215,7 @@ def test_cuda_graph_decoding_like_eager(pt_path, mels, options, monkeypatch):
 
     model = load_whisper(pt_path, device="cuda", dtype=torch.float16)
     n = 1 if "beam_size" in options else 3
-    monkeypatch.setattr(DecodeEngine, "POST_GRAPHS", True)  # greedy step tails too (opt-in)
+    monkeypatch.setattr(DecodeEngine, "POST_GRAPHS", True)  # the default; pinned here
     opts = WhisperDecodeOptions(**options)
     model.configure(cuda_graphs=False)
     feats = model.embed_audio(mels[:n].cuda())

@@ -77,3 +77,16 @@ def test_unknown_language_and_task():
         get_tokenizer(True, 99, "yue")  # only 99 languages in this vocabulary
     with pytest.raises(UnsupportedOptionError, match="task"):
         get_tokenizer(True, 99, "en", "summarize")
+
+
+def test_with_options_shares_one_tokenizer_per_choice():
+    """Decoding asks for a tokenizer per window: the same choice gives the same instance, other
+    choices their own (with their own SOT sequence); bad options still raise."""
+    base = get_tokenizer(True, 100)
+    fr = base.with_options("fr", "translate")
+    assert fr is base.with_options("fr", "translate")
+    de = base.with_options("de", "transcribe")
+    assert de is not fr and de.sot_sequence != fr.sot_sequence
+    assert fr.sot_sequence == get_tokenizer(True, 100, "fr", "translate").sot_sequence
+    with pytest.raises(UnsupportedOptionError):
+        base.with_options("klingon", "transcribe")

@@ -126,8 +126,9 @@ class WhisperTokenizer:
         }  # name -> id
 
     def with_options(self, language: str | None, task: str | None) -> WhisperTokenizer:
-        """The same vocabulary with another language/task."""
-        return WhisperTokenizer(self.multilingual, self.num_languages, language, task)
+        """The same vocabulary with another language/task (one shared instance per choice:
+        building one maps every special token, ~2 ms, and decoding asks once per window)."""
+        return _tokenizer(self.multilingual, self.num_languages, language, task)
 
     # --- special tokens -------------------------------------------------------------------
     def special(self, name: str) -> int:
@@ -284,4 +285,11 @@ def get_tokenizer(
     task: str | None = None,
 ) -> WhisperTokenizer:
     """A tokenizer for a model's vocabulary; ``language`` is a code or name (e.g. "German")."""
+    return WhisperTokenizer(multilingual, num_languages, language, task)
+
+
+@functools.cache
+def _tokenizer(
+    multilingual: bool, num_languages: int, language: str | None, task: str | None
+) -> WhisperTokenizer:
     return WhisperTokenizer(multilingual, num_languages, language, task)

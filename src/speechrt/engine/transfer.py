@@ -2,7 +2,7 @@
 
 ``torch.tensor(data, device="cuda")`` copies from pageable memory and waits for the copy, which
 waits for everything already queued on the stream (a whole encoder forward, say): the GPU can then
-idles while the host prepares the next work. :func:`as_device_tensor` builds the tensor in
+idle while the host prepares the next work. :func:`as_device_tensor` builds the tensor in
 pinned memory and copies it asynchronously; PyTorch's caching host allocator keeps that pinned
 block until the copy has run, so the source may go out of scope at once.
 """

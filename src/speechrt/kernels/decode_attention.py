@@ -68,8 +68,8 @@ PROGRAMS_PER_SM = 4  # default splits aim at this many programs per SM (H200 swe
 # read at each launch so that a benchmark can compare. Triton pipelines the K/V loads (and the
 # int8 scales) when the head dim is a multiple of 16, which its integer specialization makes
 # visible: the head-dim mask is then uniform over each vector (sm_90 TTGIR, session 13). Two
-# stages keep one tile in flight per program; int8 tiles carry half the bytes, so the int8 cache
-# may want more (bench/decode_attention_micro.py --stages).
+# stages were fastest on the H200 for float16 and int8 caches alike (3-4 gave nothing, session
+# 14: bench/decode_attention_micro.py --stages).
 NUM_STAGES = 2
 
 

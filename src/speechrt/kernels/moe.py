@@ -22,7 +22,8 @@ Three steps, none of which synchronises with the host (CUDA-graph safe):
    ``GemmConfig.per_sm`` > 0 the same kernels run persistent instead: a 1-D grid of
    ``per_sm`` x SMs programs walks the real (row tile, column tile) list, counted on the GPU
    from ``offsets``, in a flattened loop that issues the next tile's loads under this tile's
-   epilogue.
+   epilogue (opt-in: slower than the tiled grid at every configuration on the H200, session
+   14).
    * up:   ``h = act(x[token] @ W1[e]^T + b1[e])`` for the sorted rows (gathered from x);
    * down: ``y = gate * (h @ W2[e]^T + b2[e])`` stored at the assignment's original row.
    With k > 1 the k rows of a token are summed afterwards in float32 (deterministic, no atomics).

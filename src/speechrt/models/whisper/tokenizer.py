@@ -128,7 +128,7 @@ class WhisperTokenizer:
     def with_options(self, language: str | None, task: str | None) -> WhisperTokenizer:
         """The same vocabulary with another language/task (one shared instance per choice:
         building one maps every special token, ~2 ms, and decoding asks once per window)."""
-        return _tokenizer(self.multilingual, self.num_languages, language, task)
+        return get_tokenizer(self.multilingual, self.num_languages, language, task)
 
     # --- special tokens -------------------------------------------------------------------
     def special(self, name: str) -> int:
@@ -278,18 +278,13 @@ class WhisperTokenizer:
         return words, groups
 
 
+@functools.cache
 def get_tokenizer(
     multilingual: bool,
     num_languages: int = 99,
     language: str | None = None,
     task: str | None = None,
 ) -> WhisperTokenizer:
-    """A tokenizer for a model's vocabulary; ``language`` is a code or name (e.g. "German")."""
-    return WhisperTokenizer(multilingual, num_languages, language, task)
-
-
-@functools.cache
-def _tokenizer(
-    multilingual: bool, num_languages: int, language: str | None, task: str | None
-) -> WhisperTokenizer:
+    """A tokenizer for a model's vocabulary; ``language`` is a code or name (e.g. "German").
+    One shared (read-only) instance per choice."""
     return WhisperTokenizer(multilingual, num_languages, language, task)
